@@ -1,0 +1,173 @@
+"""Low-rank adapters (LoRA) as a separate parameter tree.
+
+Design
+------
+A LoRA-adapted linear map computes ``y = W x + (alpha / r) * B (A x)`` with ``A`` of rank ``r``
+and ``B`` initialised to zero, so a fresh adapter leaves the network unchanged.
+
+* The adapters live in their own Flax variable collection, ``'lora'``, whose tree mirrors the
+  ``'params'`` tree: the adapter of ``params['layers_0']['attn']['q']['kernel']`` is
+  ``lora['layers_0']['attn']['q'] = {'a': ..., 'b': ...}``. A model call reads
+  ``model.apply({'params': base, 'lora': adapters}, ...)``.
+* Switching adapters off is leaving the collection out: ``model.apply({'params': base}, ...)``
+  is bit-for-bit the base model. PPO uses this to get reference log-probs from the policy's
+  own frozen weights, with no second copy of them (PERL).
+* Which kernels get adapters is decided by regular expressions over parameter paths such as
+  ``layers_3/attn/q/kernel`` (``re.search``). Every pattern must match at least one kernel.
+* Adapters are created by the layers themselves (``perl_jax.models.Linear``), because only
+  the layer knows which kernel axes are inputs and which are outputs, and their logical axis
+  names (``lora_rank`` plus the kernel's own) so they can be sharded like the kernel.
+* Only the adapter tree is trainable, so only it needs gradients and optimizer state; the
+  frozen base is passed as a separate argument and never differentiated.
+* Dropout on the adapter input is active only when the call supplies a ``'lora_dropout'``
+  RNG, so evaluation and sampling are deterministic by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any  # a nested dict of arrays
+
+# Paths of the attention and MLP projections in perl_jax.models.Transformer.
+ATTENTION_TARGETS = (r"attn/(q|k|v|o)/kernel$",)
+MLP_TARGETS = (r"mlp/(gate|up|down)/kernel$",)
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Hyperparameters of the adapters. Frozen (hashable) so models can hold it as an attribute."""
+
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ATTENTION_TARGETS
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+    if isinstance(self.targets, str):
+      object.__setattr__(self, "targets", (self.targets,))
+    if not self.targets:
+      raise ValueError("lora.targets is empty: name at least one parameter-path regex")
+    for pattern in self.targets:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"lora.targets: {pattern!r} is not a valid regex: {e}") from e
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def targets_path(self, path: str) -> bool:
+    return any(re.search(p, path) for p in self.targets)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'layers_0/attn/q/kernel' from a jax tree path or a tuple of names."""
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return "/".join(parts)
+
+
+def kernel_paths(params: Params) -> list[str]:
+  """Paths of every kernel in a param tree: the places an adapter can go."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return [path_str(p) for p, _ in leaves if path_str(p).endswith("kernel")]
+
+
+def check_targets(cfg: LoraConfig, params: Params) -> list[str]:
+  """The kernel paths `cfg.targets` selects; an error names any pattern that selects nothing."""
+  paths = kernel_paths(params)
+  unmatched = [p for p in cfg.targets if not any(re.search(p, k) for k in paths)]
+  if unmatched:
+    examples = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+    raise ValueError(f"lora.targets {unmatched} match no parameter. Kernels look like: {examples}")
+  return [k for k in paths if cfg.targets_path(k)]
+
+
+def init_adapters(model: Any, params: Params, rng: jax.Array) -> Params:
+  """Creates the adapter tree for `model` (a Transformer built with `lora=LoraConfig(...)`).
+
+  The layers create their own adapters during a one-token forward pass with the 'lora'
+  collection mutable; shapes come from the kernels themselves, so this works for every family.
+  Returns plain arrays: A ~ N(0, 1/fan_in), B = 0.
+  """
+  cfg = model.lora
+  if cfg is None:
+    raise ValueError("init_adapters needs a model constructed with lora=LoraConfig(...)")
+  check_targets(cfg, params)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+
+  def create(params, rng):
+    _, variables = model.apply({"params": params}, tokens, rngs={"lora_init": rng}, mutable=["lora"])
+    return variables["lora"]
+
+  adapters = jax.jit(create)(params, rng)
+  return unbox(adapters)
+
+
+def unbox(tree: Params) -> Params:
+  """Strips Flax's logical-partitioning boxes, leaving plain arrays."""
+  import flax.linen as nn  # local: this module's math needs no Flax
+
+  return nn.meta.unbox(tree)
+
+
+def _adapter_items(adapters: Params) -> list[tuple[tuple[str, ...], dict]]:
+  """(module path, {'a', 'b'}) for each adapted kernel."""
+  out = []
+
+  def walk(node, prefix):
+    if isinstance(node, dict) and "a" in node and "b" in node:
+      out.append((prefix, node))
+      return
+    for k, v in node.items():
+      walk(v, prefix + (k,))
+
+  walk(adapters, ())
+  return out
+
+
+def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """The dense weight update scale * A @ B with A: in_dims + (r,), B: (r,) + out_dims."""
+  return scale * jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+
+
+def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
+  """Returns params with every adapter folded into its kernel (the input trees are unchanged)."""
+  merged = jax.tree_util.tree_map(lambda x: x, params)  # fresh containers, shared leaves
+  for path, ab in _adapter_items(adapters):
+    node = merged
+    try:
+      for k in path:
+        node = node[k]
+      kernel = node["kernel"]
+    except KeyError as e:
+      raise ValueError(f"adapter {'/'.join(path)} has no kernel in the base params") from e
+    d = delta(ab["a"], ab["b"], cfg.scale)
+    if d.shape != kernel.shape:
+      raise ValueError(f"adapter {'/'.join(path)} gives shape {d.shape}, kernel is {kernel.shape}")
+    node["kernel"] = (kernel.astype(jnp.float32) + d).astype(kernel.dtype)
+  return merged
+
+
+def count_params(tree: Params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def trainable_fraction(adapters: Params, base: Params) -> float:
+  """Adapter parameters as a fraction of all parameters (base + adapters)."""
+  n = count_params(adapters)
+  return n / (n + count_params(base))

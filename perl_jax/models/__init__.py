@@ -1,0 +1,7 @@
+"""Decoder models (Flax linen, pure-functional) and Hugging Face checkpoint interop."""
+
+from perl_jax.models.config import FAMILIES, ModelConfig, tiny_config
+from perl_jax.models.transformer import Linear, Transformer, init_cache, init_params, logical_axes
+
+__all__ = ["FAMILIES", "ModelConfig", "tiny_config", "Linear", "Transformer", "init_cache",
+           "init_params", "logical_axes"]
