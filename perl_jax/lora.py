@@ -97,25 +97,33 @@ def check_targets(cfg: LoraConfig, params: Params) -> list[str]:
   return [k for k in paths if cfg.targets_path(k)]
 
 
-def init_adapters(model: Any, params: Params, rng: jax.Array) -> Params:
-  """Creates the adapter tree for `model` (a Transformer built with `lora=LoraConfig(...)`).
+def adapter_creator(model: Any):
+  """A function (params, rng) -> adapter tree with Flax logical-axis boxes, for `model`.
 
   The layers create their own adapters during a one-token forward pass with the 'lora'
-  collection mutable; shapes come from the kernels themselves, so this works for every family.
-  Returns plain arrays: A ~ N(0, 1/fan_in), B = 0.
+  collection mutable, so shapes (A: in_dims + (r,), B: (r,) + out_dims) and axis names come
+  from the kernels themselves and this works for every family. Wrap it in `jax.jit` (with
+  `out_shardings` to create adapters directly in a sharding; see `perl_jax.sharding`) or in
+  `jax.eval_shape` to get shapes without compute.
   """
-  cfg = model.lora
-  if cfg is None:
-    raise ValueError("init_adapters needs a model constructed with lora=LoraConfig(...)")
-  check_targets(cfg, params)
+  if model.lora is None:
+    raise ValueError("LoRA adapters need a model constructed with lora=LoraConfig(...)")
   tokens = jnp.zeros((1, 1), jnp.int32)
 
-  def create(params, rng):
+  def create(params: Params, rng: jax.Array) -> Params:
     _, variables = model.apply({"params": params}, tokens, rngs={"lora_init": rng}, mutable=["lora"])
     return variables["lora"]
 
-  adapters = jax.jit(create)(params, rng)
-  return unbox(adapters)
+  return create
+
+
+def init_adapters(model: Any, params: Params, rng: jax.Array) -> Params:
+  """Adapters for `model` (a Transformer built with `lora=LoraConfig(...)`) as plain arrays.
+
+  A ~ N(0, 1/fan_in), B = 0. Every target pattern must select at least one kernel of `params`.
+  """
+  check_targets(model.lora, params)
+  return unbox(jax.jit(adapter_creator(model))(params, rng))
 
 
 def unbox(tree: Params) -> Params:

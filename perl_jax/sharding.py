@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from perl_jax.lora import path_str
+from perl_jax.lora import adapter_creator, check_targets, path_str
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +141,12 @@ def abstract_variables(model: nn.Module, collection: str = "params") -> Any:
     return variables["params"]
   if collection != "lora":
     raise ValueError(f"collection={collection!r} must be 'params' or 'lora'")
-  if getattr(model, "lora", None) is None:
-    raise ValueError("the 'lora' collection needs a model built with lora=LoraConfig(...)")
   # Strip the boxes without Flax's unbox(), which would apply sharding constraints to these
   # ShapeDtypeStructs when called inside `activate` (outside a trace, that is an error).
   params = jax.tree.map(lambda x: x.value if _is_box(x) else x, variables["params"],
                         is_leaf=_is_box)
 
-  def create(params, rng):  # as perl_jax.lora.init_adapters, keeping the logical boxes
-    _, out = model.apply({"params": params}, tokens[:, :1], rngs={"lora_init": rng},
-                         mutable=["lora"])
-    return out["lora"]
-
-  return jax.eval_shape(create, params, rng)
+  return jax.eval_shape(adapter_creator(model), params, rng)
 
 
 def param_shardings(model_or_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES, *,
@@ -236,19 +229,10 @@ def init_sharded_params(model: nn.Module, rng: jax.Array, mesh: Mesh,
 def init_sharded_adapters(model: nn.Module, params: Any, rng: jax.Array, mesh: Mesh,
                           rules: Rules = LOGICAL_RULES, *, strict: bool = False) -> Any:
   """LoRA adapters created in their sharding; same values as `perl_jax.lora.init_adapters`."""
-  from perl_jax.lora import check_targets  # validates the target regexes as init_adapters does
-
-  if model.lora is None:
-    raise ValueError("init_sharded_adapters needs a model built with lora=LoraConfig(...)")
-  check_targets(model.lora, params)
+  check_targets(model.lora, params)  # as init_adapters: every pattern must select a kernel
   shardings = param_shardings(model, mesh, rules, collection="lora", strict=strict)
-  tokens = jnp.zeros((1, 1), jnp.int32)
-
-  def create(params, rng):
-    _, out = model.apply({"params": params}, tokens, rngs={"lora_init": rng}, mutable=["lora"])
-    return nn.meta.unbox(out["lora"])
-
-  return jax.jit(create, out_shardings=shardings)(params, rng)
+  create = adapter_creator(model)
+  return jax.jit(lambda p, r: nn.meta.unbox(create(p, r)), out_shardings=shardings)(params, rng)
 
 
 def describe(shardings: Any) -> dict[str, P]:

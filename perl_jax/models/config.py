@@ -154,6 +154,8 @@ def tiny_config(family: str, **overrides: Any) -> ModelConfig:
   base.update(FAMILY_DEFAULTS[family])
   if family == "gemma2":
     base.update(sliding_window=8, layer_types=("sliding", "full"))
+  if family == "gpt2":
+    base.update(num_kv_heads=base["num_heads"])  # GPT-2 checkpoints cannot express GQA
   base.update(overrides)
   return ModelConfig(**base)
 
