@@ -1,0 +1,97 @@
+"""Shared test utilities: compile-free random params and tiny Hugging Face checkpoints.
+
+`random_params` fills the shapes of `init_params` with NumPy draws: jitting a model's `init`
+costs seconds of XLA compilation per family on CPU, more than the tests that use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perl_jax import lora
+
+
+def random_params(model, seed: int = 0, std: float = 0.02, head_scale: float = 1.0) -> dict:
+  """Random params with the structure of `init_params(model, ...)`, built without compiling.
+
+  Norm scales are their identity value plus noise. `head_scale` multiplies the output
+  projection (the embedding when tied), giving sharper next-token distributions.
+  """
+  abstract = lora.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                       jnp.zeros((1, 2), jnp.int32))["params"])
+  rng = np.random.default_rng(seed)
+  plus_one = model.cfg.norm_plus_one
+
+  def fill(path, leaf):
+    names = [getattr(k, "key", str(k)) for k in path]
+    x = rng.normal(0.0, std, leaf.shape)
+    if names[-1] == "scale":
+      x = (0.0 if plus_one else 1.0) + 10 * x
+    elif names[0] in ("lm_head",) or (names[0] == "embed" and model.cfg.tie_embeddings):
+      x = x * head_scale
+    return jnp.asarray(x, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def random_adapters(model, params: dict, seed: int = 0, std: float = 0.1) -> dict:
+  """Non-zero adapters (both A and B random) with the structure `lora.init_adapters` makes."""
+  abstract = jax.eval_shape(lambda p: lora.init_adapters(model, p, jax.random.PRNGKey(0)), params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, std, s.shape), s.dtype), abstract)
+
+
+def tiny_hf_model(kind: str, out_dir: Path, vocab_size: int = 128, seed: int = 0):
+  """Saves a tiny random transformers model ('llama', 'gemma2' or 'gpt2') in float32.
+
+  Weights are drawn wider than the HF init (norm weights and biases moved off their init values)
+  so next-token distributions are peaked and greedy argmax is not decided by rounding.
+  Returns the torch model (eval mode).
+  """
+  import torch
+  import transformers
+
+  ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  if kind == "llama":
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_theta=20000.0, tie_word_embeddings=False, **ids)
+    cls = transformers.LlamaForCausalLM
+  elif kind == "gemma2":
+    config = transformers.Gemma2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rope_theta=20000.0, **ids)
+    cls = transformers.Gemma2ForCausalLM
+  elif kind == "gpt2":
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4,
+                                     n_inner=96, n_positions=64, **ids)
+    cls = transformers.GPT2LMHeadModel
+  else:
+    raise ValueError(f"unknown tiny HF model kind {kind!r}")
+  torch.manual_seed(seed)
+  model = cls(config).float().eval()
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for _, p in model.named_parameters():
+      if p.ndim == 1:
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    if config.tie_word_embeddings:
+      # Large tied embeddings make every token predict itself; shrink them and sharpen the
+      # output through the final norm instead, so greedy continuations vary.
+      model.get_input_embeddings().weight.mul_(0.2)
+      if kind == "gemma2":  # Gemma scales by (1 + w)
+        model.model.norm.weight.copy_(8 * (1 + model.model.norm.weight) - 1)
+      else:
+        model.transformer.ln_f.weight.mul_(8)
+  model.generation_config.pad_token_id = 0
+  model.save_pretrained(out_dir)
+  return model
