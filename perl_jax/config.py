@@ -1,0 +1,244 @@
+"""Config blocks shared by `configs/*.py`, and the checks every config passes before compiling.
+
+Each file in `configs/` has a `get_config()` that assembles these blocks and sets its task.
+Every key is documented here, next to its default, once. A user overrides any key on the
+command line (``--config.ppo.kl_coef=0.1``); ml_collections rejects unknown keys, and
+`validate` rejects inconsistent values with a message naming the key, before any compute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections as mlc
+
+from perl_jax import lora as lora_lib
+
+TASKS = ("sft", "reward", "ppo")
+
+
+def base(task: str) -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.task = task  # which trainer runs: "sft" | "reward" | "ppo"
+  c.seed = 0  # every random choice (init, data order, sampling) derives from it
+  c.workdir = ""  # output directory; the --workdir flag overrides; "" -> ./workdir/<config name>
+  c.dtype = "float32"  # param and compute dtype of loaded models: "float32" | "bfloat16"
+  c.total_iterations = 100  # optimizer steps (sft, reward) or PPO iterations (ppo)
+  c.log_every = 10  # steps between metric lines
+  c.eval_every = 50  # steps between evaluations (held-out metrics, decoded samples)
+  c.progress = True  # tqdm progress bar on the terminal
+  c.optimizer = optimizer()
+  c.lora = lora()
+  c.data = data()
+  # Used only when no checkpoint is given (policy.init == ""): a random model of this shape.
+  c.model = model()
+  return c
+
+
+def model() -> mlc.ConfigDict:
+  m = mlc.ConfigDict()
+  m.family = "llama"  # one of perl_jax.models.FAMILIES
+  m.num_layers = 2
+  m.embed_dim = 64
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 16
+  m.mlp_dim = 256
+  m.max_positions = 512  # learned-position families only
+  return m
+
+
+def optimizer() -> mlc.ConfigDict:
+  o = mlc.ConfigDict()
+  o.lr = 1e-3  # peak learning rate (LoRA runs take ~10x the full-tuning rate)
+  o.warmup_steps = 0  # linear warm-up, then constant
+  o.b1 = 0.9
+  o.b2 = 0.95  # PPO-max: Adam beta2 0.95
+  o.eps = 1e-6  # PPO-max: Adam epsilon 1e-6 (added outside the sqrt, as optax does)
+  o.weight_decay = 0.0
+  o.max_grad_norm = 1.0  # global gradient-norm clipping; 0 disables
+  return o
+
+
+def lora() -> mlc.ConfigDict:
+  l = mlc.ConfigDict()
+  l.rank = 8  # 0 trains every parameter instead (full fine-tuning)
+  l.alpha = 16.0  # adapters add (alpha / rank) * B A x
+  l.dropout = 0.0  # on the adapter input, training only
+  l.targets = lora_lib.ALL_TARGETS  # regexes over param paths, e.g. "attn/(q|v)/kernel$"
+  return l
+
+
+def data() -> mlc.ConfigDict:
+  d = mlc.ConfigDict()
+  d.prompts = ""  # RL prompts, JSONL {"prompt"}; "" -> the built-in synthetic task
+  d.train = ""  # SFT {"prompt","response"} or reward {"prompt","chosen","rejected"} /
+  d.eval = ""  # {"prompt","response","label"} JSONL; "" -> the built-in synthetic task
+  d.max_prompt_len = 16  # tokens; longer prompts follow `truncate`
+  d.max_response_len = 16  # tokens of SFT / preference responses (EOS added on top)
+  d.truncate = "error"  # too-long prompt: "error" | "left" (keep the last tokens, log a count)
+  d.batch_size = 32  # examples per optimizer step (sft, reward)
+  return d
+
+
+def checkpoint_refs() -> tuple[mlc.ConfigDict, mlc.ConfigDict, mlc.ConfigDict]:
+  """policy / reward / value `init`: an HF checkpoint directory or a perl_jax model directory."""
+  policy = mlc.ConfigDict()
+  policy.init = ""  # causal LM + tokenizer; "" -> built-in synthetic task (trained here first)
+  reward = mlc.ConfigDict()
+  reward.init = ""  # ForSequenceClassification dir or a perl_jax reward model; "" -> trained here
+  reward.num_samples_for_norm = 256  # reference-policy samples used to set gain and bias
+  value = mlc.ConfigDict()
+  value.init = ""  # "" -> the reward model (PPO-max: critic initialised from the reward model)
+  return policy, reward, value
+
+
+def rollout() -> mlc.ConfigDict:
+  r = mlc.ConfigDict()
+  r.max_new_tokens = 16
+  r.temperature = 1.0  # log-probs are computed at this temperature too
+  r.top_p = 1.0
+  r.top_k = 0
+  r.stop_at_eos = True  # False: always generate exactly max_new_tokens
+  r.num_samples = 1  # responses per prompt (>= 2 for rloo / grpo)
+  return r
+
+
+def ppo() -> mlc.ConfigDict:
+  p = mlc.ConfigDict()
+  p.batch_size = 32  # prompts per iteration
+  p.num_minibatches = 2  # minibatches per epoch over the batch x num_samples responses
+  p.grad_accum = 1  # microbatches per minibatch (gradient accumulation)
+  p.epochs = 1  # passes over each rollout batch
+  p.estimator = "gae"  # "gae" (PPO with a value model) | "reinforce" | "rloo" | "grpo"
+  p.kl_coef = 0.05  # per-token KL penalty in the reward (PPO-max: 0.05)
+  p.kl_estimator = "k1"  # "k1" | "k3" (low variance) | "k2"
+  p.adaptive_kl = False  # adaptive controller (Ziegler et al.) instead of a fixed coefficient
+  p.kl_target = 6.0
+  p.kl_horizon = 10000
+  p.gamma = 1.0
+  p.lam = 0.95
+  p.reward_norm = True  # PPO-max: normalise scores with running statistics...
+  p.reward_clip = 10.0  # ...and clip them to +-reward_clip (0 disables clipping)
+  p.whiten_advantages = True
+  p.adv_clip = 0.0  # clip whitened advantages to +-adv_clip; 0 disables (PPO-max: 0.5)
+  p.clip_eps = 0.2  # policy ratio clip
+  p.dual_clip = 0.0  # dual-clip constant c > 1 for negative advantages; 0 disables
+  p.value_clip_eps = 0.2  # value prediction clip around the old values
+  p.vf_coef = 0.1
+  p.value_lr = 0.0  # critic learning rate; 0 -> optimizer.lr
+  p.entropy_coef = 0.0  # PPO-max: sensitive, off by default
+  p.ptx_coef = 0.0  # PPO-ptx: weight of an LM loss on data.train (SFT data)
+  p.critic_warmup_iters = 0  # iterations that train only the value model first
+  p.missing_eos_penalty = 0.0  # subtracted from the score of responses without EOS
+  return p
+
+
+def validate(c: mlc.ConfigDict) -> None:
+  """Raises ValueError naming the key for values that cannot work together."""
+
+  def fail(key: str, why: str):
+    raise ValueError(f"config.{key}: {why}")
+
+  if c.task not in TASKS:
+    fail("task", f"{c.task!r} is not one of {TASKS}")
+  if c.dtype not in ("float32", "bfloat16"):
+    fail("dtype", f"{c.dtype!r} must be 'float32' or 'bfloat16'")
+  for key in ("total_iterations", "log_every", "eval_every", "data.batch_size",
+              "data.max_prompt_len", "data.max_response_len"):
+    if _get(c, key) < 1:
+      fail(key, f"must be >= 1, got {_get(c, key)}")
+  if c.data.truncate not in ("error", "left"):
+    fail("data.truncate", f"{c.data.truncate!r} must be 'error' or 'left'")
+  if c.lora.rank < 0:
+    fail("lora.rank", "must be >= 0 (0 = full fine-tuning)")
+  if c.lora.rank > 0:
+    try:
+      lora_lib.LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+                          targets=tuple(c.lora.targets))
+    except ValueError as e:
+      fail("lora", str(e))
+  for key in ("data.prompts", "data.train", "data.eval", "policy.init", "reward.init",
+              "value.init"):
+    path = _get(c, key, "")
+    if path and not os.path.exists(path):
+      fail(key, f"path {path!r} does not exist")
+  if c.task == "ppo":
+    p, r = c.ppo, c.rollout
+    if p.estimator not in ("gae", "reinforce", "rloo", "grpo"):
+      fail("ppo.estimator", f"{p.estimator!r} is not one of gae, reinforce, rloo, grpo")
+    if p.kl_estimator not in ("k1", "k2", "k3"):
+      fail("ppo.kl_estimator", f"{p.kl_estimator!r} is not one of k1, k2, k3")
+    if p.estimator in ("rloo", "grpo") and r.num_samples < 2:
+      fail("rollout.num_samples", f"{p.estimator} needs >= 2 responses per prompt")
+    responses = p.batch_size * r.num_samples
+    if responses % p.num_minibatches:
+      fail("ppo.num_minibatches", f"{responses} responses per iteration (ppo.batch_size x "
+           f"rollout.num_samples) do not split into {p.num_minibatches} minibatches")
+    if (responses // p.num_minibatches) % p.grad_accum:
+      fail("ppo.grad_accum", f"a minibatch of {responses // p.num_minibatches} does not split "
+           f"into {p.grad_accum} microbatches")
+    if r.temperature <= 0:
+      fail("rollout.temperature", "PPO samples stochastically: temperature must be > 0")
+    if not 0 < r.top_p <= 1:
+      fail("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    if r.max_new_tokens < 1:
+      fail("rollout.max_new_tokens", "must be >= 1")
+    if p.dual_clip and p.dual_clip <= 1:
+      fail("ppo.dual_clip", f"must be > 1 (or 0 to disable), got {p.dual_clip}")
+    for key in ("epochs", "batch_size", "num_minibatches", "grad_accum"):
+      if p[key] < 1:
+        fail(f"ppo.{key}", "must be >= 1")
+
+
+def _get(c: mlc.ConfigDict, dotted: str, default=None):
+  node = c
+  for part in dotted.split("."):
+    if part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+# --- Task configs: configs/*.py start from these. ---------------------------------------------
+
+
+def sft_config() -> mlc.ConfigDict:
+  """Supervised fine-tuning: next-token loss on response tokens only."""
+  c = base("sft")
+  c.policy, _, _ = checkpoint_refs()  # policy.init "" -> a random `model`-shaped network
+  c.total_iterations = 300
+  c.lora.rank = 0  # a model trained from scratch has nothing to adapt; set > 0 for LoRA SFT
+  c.optimizer.lr = 3e-3
+  return c
+
+
+def reward_config() -> mlc.ConfigDict:
+  """Reward model: LoRA (or full) fine-tuning of a scalar head on preferences."""
+  c = base("reward")
+  c.policy, c.reward, _ = checkpoint_refs()  # reward.init "" -> start from policy.init + new head
+  c.total_iterations = 300
+  c.optimizer.lr = 3e-3
+  c.reward_model = mlc.ConfigDict()
+  c.reward_model.loss = "auto"  # "pairwise" (Bradley-Terry) | "pointwise" | "auto" (from the data)
+  c.reward_model.margin = 0.0  # required score gap in the Bradley-Terry loss
+  c.reward_model.center_coef = 0.01  # reward centering: coef * mean((chosen + rejected)^2)
+  c.reward_model.normalize = True  # after training: gain/bias so reference samples ~ N(0, 1)
+  return c
+
+
+def ppo_config() -> mlc.ConfigDict:
+  """PPO with LoRA on policy and value (PERL) against a learned reward."""
+  c = base("ppo")
+  c.policy, c.reward, c.value = checkpoint_refs()
+  c.total_iterations = 60
+  c.log_every = 1
+  c.eval_every = 10
+  c.optimizer.lr = 2e-3
+  c.rollout = rollout()
+  c.ppo = ppo()
+  # The built-in task's prerequisites (used only when policy.init / reward.init are ""):
+  c.synthetic = mlc.ConfigDict()
+  c.synthetic.sft_steps = 300
+  c.synthetic.reward_steps = 300
+  return c

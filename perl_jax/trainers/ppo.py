@@ -1,0 +1,441 @@
+"""PPO (and critic-free REINFORCE / RLOO / GRPO) with LoRA on policy and value, after PERL.
+
+One iteration reads top to bottom as four functions:
+
+1. `rollout`     - the policy samples responses with the compiled KV-cache sampler;
+2. `score`       - reward model, reference policy and value model read the batch, and the
+                   policy's own log-probs are recomputed by one forward pass;
+3. `advantages`  - per-token KL penalty + score at the last token, running reward
+                   normalisation, then GAE (or a critic-free estimator), whitening, clipping;
+4. `update`      - epochs x minibatches x microbatches of clipped-surrogate policy loss,
+                   clipped value loss, entropy bonus and optional PPO-ptx loss.
+
+Memory (PERL): when policy, reference, value and reward are built on one base checkpoint,
+`BaseCache` loads it once; the reference is the policy with its adapters left out, and value
+and reward differ only in their adapters and heads. Frozen trees are passed to the jitted
+functions as arguments, never closed over.
+
+Log-probs for the PPO ratio and the KL are computed at the sampling temperature (logits /
+T) without top-k/top-p filtering, identically for old, new and reference log-probs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from perl_jax import rl
+from perl_jax.sampling import SamplingConfig, sample, token_logprobs
+from perl_jax.trainers import common
+
+Params = Any
+
+
+class Rollout(NamedTuple):
+  """One batch of experience; response tensors are [B, N] aligned with the response tokens."""
+
+  tokens_BxT: jax.Array  # prompt (left-padded, P) + response (N)
+  mask_BxT: jax.Array  # real tokens
+  response_mask_BxN: jax.Array
+  ended_B: jax.Array  # emitted EOS
+  logp_BxN: jax.Array  # policy log-probs at sampling time (recomputed by a forward pass)
+  ref_logp_BxN: jax.Array
+  values_BxN: jax.Array  # zeros without a value model
+  scores_B: jax.Array  # reward-model scores (gain/bias applied, EOS penalty included)
+
+
+class TrainState(NamedTuple):
+  trainable: Params
+  opt_state: Any
+
+
+# --- 1. Rollout -----------------------------------------------------------------------------
+
+
+def rollout(policy, policy_vars: dict, prompt_BxP, prompt_mask_BxP, rng, scfg: SamplingConfig,
+            eos_ids: tuple[int, ...], pad_id: int):
+  """Samples scfg.num_samples responses per prompt: (tokens_BxT, mask_BxT, response_mask, ended)."""
+  out = sample(policy, policy_vars, prompt_BxP, prompt_mask_BxP, rng, scfg, eos_ids=eos_ids,
+               pad_id=pad_id)
+  return _join(out.prompt_tokens, out.prompt_mask, out.tokens, out.mask) + (out.ended,)
+
+
+@jax.jit
+def _join(prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN):
+  tokens = jnp.concatenate([prompt_BxP, response_BxN], axis=1)
+  mask = jnp.concatenate([prompt_mask_BxP, response_mask_BxN], axis=1)
+  return tokens, mask, response_mask_BxN
+
+
+# --- 2. Scoring -----------------------------------------------------------------------------
+
+
+def response_logprobs(module, variables: dict, tokens_BxT, mask_BxT, n: int,
+                      temperature: float, rngs: dict | None = None):
+  """Log-probs of the last n tokens (the response) and the logits that gave them."""
+  logits = module.apply(variables, tokens_BxT, mask_BxT=mask_BxT, rngs=rngs or {})
+  p = tokens_BxT.shape[1] - n
+  logits_BxNxV = logits[:, p - 1:-1]  # position t predicts token t + 1
+  return token_logprobs(logits_BxNxV, tokens_BxT[:, p:], temperature), logits_BxNxV
+
+
+def response_values(module, variables: dict, tokens_BxT, mask_BxT, n: int, rngs=None):
+  """Value of the state before each response token (the same shift as the log-probs)."""
+  values = module.apply(variables, tokens_BxT, mask_BxT=mask_BxT, rngs=rngs or {})
+  return values[:, tokens_BxT.shape[1] - n - 1:-1]
+
+
+def last_token(values_BxT, mask_BxT):
+  """values at each row's last real token."""
+  t = mask_BxT.shape[1]
+  last = t - 1 - jnp.argmax(mask_BxT[:, ::-1].astype(jnp.int32), axis=1)
+  return jnp.take_along_axis(values_BxT, last[:, None], axis=1)[:, 0]
+
+
+def make_score_fn(policy, reward, value, temperature: float, missing_eos_penalty: float):
+  """The jitted scoring phase: reward, reference, value and old policy log-probs in one program."""
+
+  @jax.jit
+  def score(policy_vars, ref_vars, reward_vars, reward_affine, value_vars, tokens_BxT, mask_BxT,
+            response_mask_BxN, ended_B):
+    n = response_mask_BxN.shape[1]
+    logp, _ = response_logprobs(policy, policy_vars, tokens_BxT, mask_BxT, n, temperature)
+    ref_logp, _ = response_logprobs(policy, ref_vars, tokens_BxT, mask_BxT, n, temperature)
+    raw = last_token(reward.apply(reward_vars, tokens_BxT, mask_BxT=mask_BxT), mask_BxT)
+    scores = reward_affine[0] * raw + reward_affine[1]  # gain, bias from reward training
+    scores = scores - missing_eos_penalty * (~ended_B)
+    if value is None:
+      values = jnp.zeros_like(logp)
+    else:
+      values = response_values(value, value_vars, tokens_BxT, mask_BxT, n)
+    on = response_mask_BxN
+    return (jnp.where(on, logp, 0.0), jnp.where(on, ref_logp, 0.0),
+            jnp.where(on, values, 0.0), scores)
+
+  return score
+
+
+# --- 3. Advantages --------------------------------------------------------------------------
+
+
+def advantages(c, batch: Rollout, kl_coef, reward_stats: rl.RunningMeanStd):
+  """(advantages_BxN, returns_BxN, new reward_stats, metrics) for one rollout; pure and jit-able."""
+  p = c.ppo
+  mask = batch.response_mask_BxN
+  kl = rl.kl_penalty(batch.logp_BxN, batch.ref_logp_BxN, p.kl_estimator, mask)
+  scores = batch.scores_B
+  if p.reward_norm:
+    reward_stats = reward_stats.update(scores)
+    scores = rl.normalize_and_clip(scores, reward_stats, p.reward_clip or None)
+  elif p.reward_clip:
+    scores = jnp.clip(scores, -p.reward_clip, p.reward_clip)
+  seq_kl = rl.sequence_kl(kl, mask)
+  if p.estimator == "gae":
+    rewards = rl.per_token_rewards(scores, kl, mask, kl_coef)
+    adv, returns = rl.gae(rewards, batch.values_BxN, mask, p.gamma, p.lam)
+  else:  # critic-free: the KL penalty joins the sequence return
+    seq_return = scores - kl_coef * seq_kl
+    n = c.rollout.num_samples
+    if p.estimator == "reinforce":
+      adv = rl.reinforce_baseline_advantages(seq_return, mask)
+    elif p.estimator == "rloo":
+      adv = rl.rloo_advantages(seq_return, n, mask)
+    else:
+      adv = rl.grpo_advantages(seq_return, n, mask)
+    returns = jnp.zeros_like(adv)
+  if p.whiten_advantages:
+    adv = rl.whiten(adv, mask, shift_mean=True)
+  if p.adv_clip:
+    adv = rl.clip_advantages(adv, p.adv_clip, mask)
+  non_score = -kl_coef * seq_kl
+  metrics = {
+      "objective/kl": seq_kl.mean(),
+      "objective/non_score_reward": non_score.mean(),
+      "objective/scores": batch.scores_B.mean(),
+      "objective/rlhf_reward": (batch.scores_B + non_score).mean(),
+      "objective/kl_coef": jnp.asarray(kl_coef, jnp.float32),
+      "val/num_eos_tokens": batch.ended_B.sum().astype(jnp.float32),
+      "warn/response_length": mask.sum(-1).mean().astype(jnp.float32),
+      "warn/perplexity": jnp.exp(-rl.masked_mean(batch.logp_BxN, mask)),
+      "warn/kl_to_sft": seq_kl.mean(),
+  }
+  return adv, returns, reward_stats, metrics
+
+
+# --- 4. Update ------------------------------------------------------------------------------
+
+
+def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
+  """Jitted: one epoch of minibatch updates over a rollout -> (states, mean metrics)."""
+  p = c.ppo
+  temperature = c.rollout.temperature
+  dropout = policy.lora is not None and policy.lora.dropout > 0
+
+  def losses(policy_train, value_train, frozen, mb, rng):
+    rngs = {"lora_dropout": rng} if dropout else None
+    n = mb["response_mask"].shape[1]
+    mask = mb["response_mask"]
+    pol_vars = common.variables(frozen["policy"], policy_train)
+    logp, logits = response_logprobs(policy, pol_vars, mb["tokens"], mb["mask"], n, temperature,
+                                     rngs)
+    pg, pg_metrics = rl.policy_loss(logp, mb["logp"], mb["adv"], mask, p.clip_eps,
+                                    p.dual_clip or None)
+    entropy = rl.entropy_from_logits(logits, mask, temperature)
+    loss = pg - p.entropy_coef * entropy
+    metrics = {"loss/policy_avg": pg, "policy/entropy_avg": entropy,
+               "policy/approxkl_avg": pg_metrics["approxkl"],
+               "policy/clipfrac_avg": pg_metrics["clipfrac"], "val/ratio": pg_metrics["ratio"],
+               "val/ratio_var": pg_metrics["ratio_var"]}
+    if p.ptx_coef:
+      ptx_logits = policy.apply(pol_vars, mb["ptx_tokens"], mask_BxT=mb["ptx_mask"],
+                                rngs=rngs or {})
+      ptx, _ = rl.sft_loss(ptx_logits, mb["ptx_tokens"], mb["ptx_loss_mask"])
+      loss = loss + p.ptx_coef * ptx
+      metrics["loss/ptx_avg"] = ptx
+    if value is not None:
+      val_vars = common.variables(frozen["value"], value_train)
+      values = response_values(value, val_vars, mb["tokens"], mb["mask"], n)
+      vl, v_metrics = rl.value_loss(values, mb["values"], mb["returns"], mask, p.value_clip_eps)
+      loss = loss + p.vf_coef * vl
+      metrics.update({"loss/value_avg": vl, "val/clipfrac_avg": v_metrics["clipfrac"]})
+    return loss, metrics
+
+  grad_fn = jax.grad(losses, argnums=(0, 1), has_aux=True)
+
+  def minibatch_step(carry, mb_and_rng, frozen, train_policy: bool):
+    pol, val = carry
+    mb, rng = mb_and_rng
+    micro = jax.tree.map(lambda x: x.reshape((p.grad_accum, -1) + x.shape[1:]), mb)
+
+    def accumulate(acc, m_and_key):  # gradient accumulation over microbatches
+      g_pol, g_val, met = acc
+      m, key = m_and_key
+      (gp, gv), metrics = grad_fn(pol.trainable, val.trainable if val else None, frozen, m, key)
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (add(g_pol, gp), add(g_val, gv) if val else None, add(met, metrics)), None
+
+    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+    (_, met_shape) = jax.eval_shape(losses, pol.trainable, val.trainable if val else None, frozen,
+                                    jax.tree.map(lambda x: x[0], micro), rng)
+    init = (zeros(pol.trainable), zeros(val.trainable) if val else None,
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), met_shape))
+    keys = jax.random.split(rng, p.grad_accum)
+    (g_pol, g_val, met), _ = jax.lax.scan(accumulate, init, (micro, keys))
+    scale = lambda t: jax.tree.map(lambda x: x / p.grad_accum, t)
+    g_pol, met = scale(g_pol), scale(met)
+    met["policy/grad_norm"] = optax.global_norm(g_pol)
+    if train_policy:
+      updates, opt = policy_opt.update(g_pol, pol.opt_state, pol.trainable)
+      pol = TrainState(optax.apply_updates(pol.trainable, updates), opt)
+    if val:
+      g_val = scale(g_val)
+      met["val/grad_norm"] = optax.global_norm(g_val)
+      updates, opt = value_opt.update(g_val, val.opt_state, val.trainable)
+      val = TrainState(optax.apply_updates(val.trainable, updates), opt)
+    return (pol, val), met
+
+  @functools.partial(jax.jit, static_argnames=("train_policy",), donate_argnums=(0, 1))
+  def update(pol_state, val_state, frozen, data, rng, train_policy: bool = True):
+    rows = data["tokens"].shape[0]
+    perm_rng, step_rng = jax.random.split(rng)
+    perm = jax.random.permutation(perm_rng, rows)
+    mbs = jax.tree.map(
+        lambda x: x[perm].reshape((p.num_minibatches, -1) + x.shape[1:]), data)
+    keys = jax.random.split(step_rng, p.num_minibatches)
+    step = functools.partial(minibatch_step, frozen=frozen, train_policy=train_policy)
+    (pol_state, val_state), metrics = jax.lax.scan(step, (pol_state, val_state), (mbs, keys))
+    return pol_state, val_state, jax.tree.map(jnp.mean, metrics)
+
+  return update
+
+
+# --- The loop -------------------------------------------------------------------------------
+
+
+class Models(NamedTuple):
+  policy: common.Model
+  reference_params: Params  # the policy's frozen base (LoRA) or its initial weights (full)
+  reward: common.Model
+  value: common.Model | None
+
+
+def load_models(c, cache: common.BaseCache, rng) -> Models:
+  """Policy, reference, reward and value; shared bases are loaded once (see BaseCache)."""
+  r_pol, r_rew, r_val = jax.random.split(rng, 3)
+  lcfg = common.lora_from_config(c.lora)
+  policy = common.load_model(c.policy.init, head="lm", lora=lcfg, cache=cache, rng=r_pol)
+  if policy.lora is not None:
+    reference = policy.frozen["params"]
+  else:
+    reference = cache.get(c.policy.init)[1]
+  reward = common.load_model(c.reward.init, head="scalar", lora=lcfg, cache=cache, rng=r_rew)
+  value = None
+  if c.ppo.estimator == "gae":
+    value = common.load_model(c.value.init or c.reward.init, head="scalar", lora=lcfg,
+                              cache=cache, rng=r_val)
+  return Models(policy, reference, reward, value)
+
+
+def rollout_arrays(batch: Rollout, adv, returns) -> dict:
+  n = batch.response_mask_BxN.shape[1]
+  return dict(tokens=batch.tokens_BxT, mask=batch.mask_BxT, response_mask=batch.response_mask_BxN,
+              logp=batch.logp_BxN, values=batch.values_BxN, adv=adv, returns=returns)
+
+
+def ptx_batch(ptx_data: dict | None, rows: int, rng: np.random.Generator) -> dict:
+  if ptx_data is None:
+    return {}
+  idx = rng.integers(ptx_data["tokens_BxT"].shape[0], size=rows)
+  return dict(ptx_tokens=ptx_data["tokens_BxT"][idx], ptx_mask=ptx_data["mask_BxT"][idx],
+              ptx_loss_mask=ptx_data["loss_mask_BxT"][idx])
+
+
+def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = None) -> dict:
+  """Runs c.total_iterations PPO iterations; returns a summary (gold reward when `gold_fn`)."""
+  from perl_jax.data import jsonl
+  from perl_jax.metrics import MetricsWriter
+  from perl_jax.tokenizers import check_vocab, eos_ids, load_tokenizer
+
+  # --- Setup: models, tokenizer, prompts, optimizers --------------------------------------
+  rng = jax.random.PRNGKey(c.seed)
+  rng, model_rng = jax.random.split(rng)
+  np_rng = np.random.default_rng(c.seed)
+  cache = common.BaseCache(c.dtype)
+  models = load_models(c, cache, model_rng)
+  policy, value = models.policy, models.value
+  tokenizer = load_tokenizer(policy.tokenizer_dir or c.policy.init)
+  check_vocab(tokenizer, policy.cfg)
+  eos, pad = eos_ids(tokenizer, policy.cfg), int(tokenizer.pad_token_id)
+  prompts = jsonl.read_jsonl(c.data.prompts, "prompts")
+  prompt_tokens, prompt_mask, n_cut = jsonl.encode_prompt_batch(
+      tokenizer, prompts, c.data.max_prompt_len, c.data.truncate)
+  if len(prompts) < c.ppo.batch_size:
+    raise ValueError(f"config.ppo.batch_size={c.ppo.batch_size} exceeds the {len(prompts)} "
+                     f"prompts in {c.data.prompts}")
+  eval_rows = np_rng.choice(len(prompts), min(64, len(prompts)), replace=False)
+  ptx_data = None
+  if c.ppo.ptx_coef:
+    ptx_data = jsonl.encode_sft(tokenizer, jsonl.read_jsonl(c.data.train, "sft"),
+                                c.data.max_prompt_len, c.data.max_response_len, c.data.truncate)
+  scfg = SamplingConfig(max_new_tokens=c.rollout.max_new_tokens,
+                        temperature=c.rollout.temperature, top_k=c.rollout.top_k,
+                        top_p=c.rollout.top_p, num_samples=c.rollout.num_samples,
+                        stop_at_eos=c.rollout.stop_at_eos)
+  eval_scfg = dataclasses.replace(scfg, num_samples=1)
+  policy_opt = common.make_optimizer(c.optimizer)
+  value_opt = common.make_optimizer(c.optimizer, lr=c.ppo.value_lr or None)
+  pol_state = TrainState(policy.trainable, policy_opt.init(policy.trainable))
+  val_state = None if value is None else TrainState(value.trainable,
+                                                    value_opt.init(value.trainable))
+  frozen = {"policy": policy.frozen, "value": None if value is None else value.frozen}
+  ref_vars = {"params": models.reference_params}
+  reward_vars = models.reward.variables()
+  reward_affine = jnp.asarray([models.reward.reward_gain, models.reward.reward_bias], jnp.float32)
+  kl_ctl = (rl.AdaptiveKL(c.ppo.kl_coef, c.ppo.kl_target, c.ppo.kl_horizon) if c.ppo.adaptive_kl
+            else rl.FixedKL(c.ppo.kl_coef))
+  kl_state = kl_ctl.init_state()
+  reward_stats = rl.RunningMeanStd.create()
+  score_fn = make_score_fn(policy.module, models.reward.module,
+                           None if value is None else value.module, c.rollout.temperature,
+                           c.ppo.missing_eos_penalty)
+  advantages_fn = jax.jit(functools.partial(advantages, c))
+  update_fn = make_update_fn(c, policy.module, None if value is None else value.module,
+                             policy_opt, value_opt)
+
+  def policy_vars(state):
+    return common.variables(policy.frozen, state.trainable)
+
+  def value_vars():
+    return None if value is None else common.variables(value.frozen, val_state.trainable)
+
+  def evaluate(it: int, rng) -> dict:
+    """Reward score, KL to the reference and (synthetic task) gold reward of fresh samples."""
+    rows = eval_rows
+    tokens, mask, resp_mask, ended = rollout(policy.module, policy_vars(pol_state),
+                                             prompt_tokens[rows], prompt_mask[rows], rng,
+                                             eval_scfg, eos, pad)
+    logp, ref_logp, _, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
+                                         reward_affine, value_vars(), tokens, mask, resp_mask,
+                                         ended)
+    kl = rl.sequence_kl(rl.kl_k1(logp, ref_logp), resp_mask)
+    texts = tokenizer.batch_decode(np.where(np.asarray(resp_mask), np.asarray(
+        tokens[:, -resp_mask.shape[1]:]), pad), skip_special_tokens=True)
+    out = {"eval/score": float(scores.mean()), "eval/kl_to_sft": float(kl.mean()),
+           "eval/response_length": float(resp_mask.sum(-1).mean())}
+    if gold_fn is not None:
+      out["eval/gold_reward"] = float(np.mean(gold_fn(texts)))
+    writer.write_samples(it, [dict(prompt=prompts[int(r)]["prompt"], response=t, score=float(s))
+                              for r, t, s in zip(rows[:4], texts, np.asarray(scores))])
+    return out
+
+  writer = MetricsWriter(workdir, c.total_iterations, progress=c.progress,
+                         progress_keys=("objective/scores", "objective/kl", "eval/gold_reward"))
+  n_train = common.count(pol_state.trainable)
+  writer.write(0, {"params/policy_trainable": n_train, "params/prompts_truncated": n_cut,
+                   "params/policy_trainable_fraction": n_train / (
+                       n_train + common.count(policy.frozen))})
+
+  # --- Loop: rollout, scoring, advantages, update -----------------------------------------
+  evals, episode = [], 0
+  for it in range(c.total_iterations):
+    if it % c.eval_every == 0:
+      rng, key = jax.random.split(rng)
+      evals.append((it, evaluate(it, key)))
+      writer.write(it, evals[-1][1])
+    t0 = time.perf_counter()
+    rng, k_roll, k_update = jax.random.split(rng, 3)
+    rows = np_rng.choice(len(prompts), c.ppo.batch_size, replace=False)
+    tokens, mask, resp_mask, ended = rollout(policy.module, policy_vars(pol_state),
+                                             prompt_tokens[rows], prompt_mask[rows], k_roll,
+                                             scfg, eos, pad)
+    t_gen = _ready(tokens, t0)
+    logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
+                                              reward_affine, value_vars(), tokens, mask,
+                                              resp_mask, ended)
+    t_score = _ready(scores, t0 + t_gen)
+    batch = Rollout(tokens, mask, resp_mask, ended, logp, ref_logp, values, scores)
+    adv, returns, reward_stats, metrics = advantages_fn(batch, kl_state, reward_stats)
+    data = {**rollout_arrays(batch, adv, returns), **ptx_batch(ptx_data, tokens.shape[0], np_rng)}
+    for epoch in range(c.ppo.epochs):
+      pol_state, val_state, update_metrics = update_fn(
+          pol_state, val_state, frozen, data, jax.random.fold_in(k_update, epoch),
+          train_policy=it >= c.ppo.critic_warmup_iters)
+    kl_state = kl_ctl.update(kl_state, metrics["objective/kl"], tokens.shape[0])
+    t_train = _ready(update_metrics, t0 + t_gen + t_score)
+    episode += tokens.shape[0]
+    iter_s = t_gen + t_score + t_train
+    if it % c.log_every == 0 or it == c.total_iterations - 1:
+      writer.write(it, {**metrics, **update_metrics, "lr": c.optimizer.lr, "episode": episode,
+                        "perf/iter_s": iter_s, "perf/generate_s": t_gen,
+                        "perf/score_s": t_score, "perf/train_s": t_train,
+                        "perf/tokens_per_s": float(resp_mask.sum()) / iter_s})
+  rng, key = jax.random.split(rng)
+  evals.append((c.total_iterations, evaluate(c.total_iterations, key)))
+  writer.write(c.total_iterations, evals[-1][1])
+  writer.close()
+
+  # --- Summary ----------------------------------------------------------------------------
+  first, last = evals[0][1], evals[-1][1]
+  summary = {"score_before": first["eval/score"], "score_after": last["eval/score"],
+             "kl_to_sft": last["eval/kl_to_sft"],
+             "response_length_after": last["eval/response_length"]}
+  if gold_fn is not None:
+    summary.update(gold_reward_before=first["eval/gold_reward"],
+                   gold_reward_after=last["eval/gold_reward"])
+  final = common.Model(policy.module, policy.frozen, pol_state.trainable, policy.base,
+                       policy.tokenizer_dir)
+  common.save_model(f"{workdir}/policy", final)
+  return summary
+
+
+def _ready(tree, since: float) -> float:
+  """Seconds from `since` until `tree` is computed (the phases run asynchronously)."""
+  jax.block_until_ready(tree)
+  return time.perf_counter() - since
