@@ -157,6 +157,7 @@ def advantages(c, batch: Rollout, kl_coef, reward_stats: rl.RunningMeanStd):
   non_score = -kl_coef * seq_kl
   metrics = {
       "objective/kl": seq_kl.mean(),
+      "objective/entropy": rl.masked_sum(-batch.logp_BxN, mask, axis=-1).mean(),  # as TRL
       "objective/non_score_reward": non_score.mean(),
       "objective/scores": batch.scores_B.mean(),
       "objective/rlhf_reward": (batch.scores_B + non_score).mean(),
@@ -230,13 +231,13 @@ def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
     (g_pol, g_val, met), _ = jax.lax.scan(accumulate, init, (micro, keys))
     scale = lambda t: jax.tree.map(lambda x: x / p.grad_accum, t)
     g_pol, met = scale(g_pol), scale(met)
-    met["policy/grad_norm"] = optax.global_norm(g_pol)
+    met["policy/grad_norm"] = optax.tree_utils.tree_norm(g_pol)
     if train_policy:
       updates, opt = policy_opt.update(g_pol, pol.opt_state, pol.trainable)
       pol = TrainState(optax.apply_updates(pol.trainable, updates), opt)
     if val:
       g_val = scale(g_val)
-      met["val/grad_norm"] = optax.global_norm(g_val)
+      met["val/grad_norm"] = optax.tree_utils.tree_norm(g_val)
       updates, opt = value_opt.update(g_val, val.opt_state, val.trainable)
       val = TrainState(optax.apply_updates(val.trainable, updates), opt)
     return (pol, val), met
