@@ -1,0 +1,298 @@
+"""Supervised fine-tuning (SFT): next-token loss on the response tokens of demonstrations.
+
+Design
+------
+* One pure jitted step, ``step(trainable, opt_state, frozen, batch, rng) -> (trainable,
+  opt_state, metrics)`` (`make_train_step`), testable on its own. The frozen tree is an
+  argument, never closed over: a closed-over array is baked into the compiled program as a
+  constant (a second copy of the weights, and a recompile whenever it changes).
+* Rows are ``[left-padded prompt | response + EOS | pad]`` (`perl_jax.data.jsonl.encode_sft`);
+  the loss counts response tokens only (``loss_mask_BxT``), so the model is never trained to
+  produce prompts, and EOS is a target, so it learns to stop.
+* LoRA or full: `common.load_model` splits the weights; only ``trainable`` gets gradients and
+  optimizer state. LoRA dropout draws from a per-step ``lora_dropout`` RNG, active in training
+  only (evaluation and sampling pass none).
+* With no checkpoint (``policy.init == ""``) a `config.model`-shaped network is trained from
+  scratch, with the synthetic task's word-level tokenizer (or, for text it cannot encode, a
+  small byte-level BPE fitted to the data).
+* At the end the model is written as a Hugging Face checkpoint with the adapters merged, plus
+  its tokenizer, to ``workdir/hf``: later stages load it with ``policy.init=workdir/hf``.
+
+The helpers `lr_at`, `padded_batches`, `load_policy_tokenizer` and `sft_data_paths` are
+shared with the reward trainer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from perl_jax import rl
+from perl_jax.sampling import SamplingConfig, sample
+from perl_jax.trainers import common
+
+Params = Any
+Batch = dict[str, jax.Array]
+SFT_KEYS = ("tokens_BxT", "mask_BxT", "loss_mask_BxT")
+NUM_LOGGED_SAMPLES = 4  # greedy eval samples decoded at each evaluation
+BPE_VOCAB = 512  # tokenizer trained for your own data when no checkpoint is given
+
+
+# --- Steps ----------------------------------------------------------------------------------
+
+
+def dropout_rngs(module: Any, rng: jax.Array) -> dict[str, jax.Array]:
+  """The `rngs` of a training forward pass: LoRA dropout only when there is some."""
+  if module.lora is not None and module.lora.dropout > 0:
+    return {"lora_dropout": rng}
+  return {}
+
+
+def make_loss_fn(module: Any) -> Callable[..., tuple[jax.Array, dict]]:
+  """loss_fn(trainable, frozen, batch, rng) -> (sft_loss, metrics); differentiable in trainable."""
+
+  def loss_fn(trainable: Params, frozen: Params, batch: Batch, rng: jax.Array):
+    logits_BxTxV = module.apply(common.variables(frozen, trainable), batch["tokens_BxT"],
+                                mask_BxT=batch["mask_BxT"], rngs=dropout_rngs(module, rng))
+    return rl.sft_loss(logits_BxTxV, batch["tokens_BxT"], batch["loss_mask_BxT"])
+
+  return loss_fn
+
+
+def make_train_step(module: Any, optimizer: optax.GradientTransformation) -> Callable:
+  """The jitted pure step ``(trainable, opt_state, frozen, batch, rng) -> (trainable,
+  opt_state, metrics)``; metrics: loss, perplexity, accuracy, grad_norm (before clipping).
+
+  `trainable` and `opt_state` are donated (updated in place): do not reuse the arrays passed in.
+  """
+  loss_fn = make_loss_fn(module)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(trainable: Params, opt_state: Any, frozen: Params, batch: Batch, rng: jax.Array):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch,
+                                                                       rng)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+
+  return step
+
+
+def make_eval_fn(module: Any) -> Callable:
+  """Jitted ``(trainable, frozen, batch) -> (nll_sum_B, tokens_B, hits_B)`` per row, so eval
+  sets of any size reduce exactly (padding rows are dropped by the caller)."""
+
+  def per_row(trainable, frozen, batch):
+    logits_BxTxV = module.apply(common.variables(frozen, trainable), batch["tokens_BxT"],
+                                mask_BxT=batch["mask_BxT"])
+    one = lambda logits, tokens, mask: rl.sft_loss(logits[None], tokens[None], mask[None])
+    loss_B, metrics = jax.vmap(one)(logits_BxTxV, batch["tokens_BxT"], batch["loss_mask_BxT"])
+    tokens_B = batch["loss_mask_BxT"][:, 1:].astype(jnp.float32).sum(-1)
+    return loss_B * tokens_B, tokens_B, metrics["accuracy"] * tokens_B
+
+  return jax.jit(per_row)
+
+
+def evaluate(eval_fn: Callable, trainable: Params, frozen: Params, data: dict[str, np.ndarray],
+             batch_size: int) -> dict[str, float]:
+  """Token-weighted eval loss / perplexity / accuracy over every row of `data`."""
+  nll = tokens = hits = 0.0
+  for idx, valid in padded_batches(len(data["tokens_BxT"]), batch_size):
+    out = eval_fn(trainable, frozen, {k: data[k][idx] for k in SFT_KEYS})
+    n, t, h = (np.asarray(x)[valid] for x in out)
+    nll, tokens, hits = nll + n.sum(), tokens + t.sum(), hits + h.sum()
+  loss = nll / max(tokens, 1.0)
+  return {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)),
+          "eval/accuracy": hits / max(tokens, 1.0)}
+
+
+# --- Shared helpers -------------------------------------------------------------------------
+
+
+def lr_at(o: Any, step: int) -> float:
+  """The learning rate `common.make_optimizer` uses at `step` (linear warm-up, then constant)."""
+  if o.warmup_steps and step < o.warmup_steps:
+    return o.lr * step / o.warmup_steps
+  return float(o.lr)
+
+
+def padded_batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(indices [batch_size], valid [batch_size]) covering rows 0..n-1 in order; the last batch
+  is filled with row 0 and marked invalid, so every call has one shape (one compile)."""
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    valid = idx < n
+    yield np.where(valid, idx, 0), valid
+
+
+def sft_data_paths(c: Any, workdir: str) -> tuple[str, str, str | None]:
+  """(train, eval, synthetic tokenizer dir or None): the files given, or the synthetic task."""
+  if bool(c.data.train) != bool(c.data.eval):
+    missing = "data.eval" if c.data.train else "data.train"
+    raise ValueError(f"config.{missing}: give both data.train and data.eval (or neither, for "
+                     "the built-in synthetic task)")
+  if c.data.train:
+    return c.data.train, c.data.eval, None
+  from perl_jax.data import synthetic
+
+  paths = synthetic.prepare(os.path.join(workdir, "data"), seed=c.seed)
+  return paths["sft_train"], paths["sft_eval"], paths["tokenizer"]
+
+
+def load_policy_tokenizer(model: common.Model, init: str) -> Any:
+  """The tokenizer stored with a checkpoint (`init`, or the base of a perl_jax directory)."""
+  from perl_jax.tokenizers import load_tokenizer
+
+  where = model.tokenizer_dir
+  if where is None:
+    raise ValueError(f"config.policy.init: {init!r} holds no tokenizer (tokenizer_config.json); "
+                     "save one next to the checkpoint")
+  return load_tokenizer(where)
+
+
+def scratch_tokenizer(records: list[dict], synthetic_dir: str | None, workdir: str) -> Any:
+  """The tokenizer of a model trained from scratch: the synthetic task's word-level one when
+  it encodes every record without <unk> (the synthetic task, wherever its files are), else a
+  byte-level BPE fitted to the records (any text), saved under ``workdir/tokenizer``."""
+  from perl_jax.data import synthetic
+  from perl_jax.tokenizers import load_tokenizer, train_bpe_tokenizer
+
+  texts = [r[k] for r in records for k in ("prompt", "response")]
+  if synthetic_dir is not None:
+    return load_tokenizer(synthetic_dir)
+  words = synthetic.build_tokenizer(os.path.join(workdir, "tokenizer"))
+  if words.unk_token_id not in {i for ids in words(texts)["input_ids"] for i in ids}:
+    return words
+  logging.warning("SFT from scratch on text outside the synthetic vocabulary: fitting a "
+                  "%d-token byte-level BPE to the training data", BPE_VOCAB)
+  return train_bpe_tokenizer(texts, BPE_VOCAB, os.path.join(workdir, "tokenizer"))
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int | None]:
+  return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)
+
+
+def greedy_samples(module: Any, variables: dict, tokenizer: Any, records: list[dict],
+                   max_prompt_len: int, max_new_tokens: int, truncate: str) -> list[dict]:
+  """Greedy responses of `module` to the records' prompts, decoded, next to the references."""
+  from perl_jax.data import jsonl
+  from perl_jax.tokenizers import eos_ids
+
+  prompt_BxP, mask_BxP, _ = jsonl.encode_prompt_batch(tokenizer, records, max_prompt_len,
+                                                      truncate)
+  out = sample(module, variables, jnp.asarray(prompt_BxP), jnp.asarray(mask_BxP),
+               jax.random.PRNGKey(0), SamplingConfig(max_new_tokens, temperature=0.0),
+               eos_ids=eos_ids(tokenizer, module.cfg), pad_id=tokenizer.pad_token_id)
+  tokens = np.where(np.asarray(out.mask), np.asarray(out.tokens), tokenizer.pad_token_id)
+  texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+  return [dict(prompt=r["prompt"], response=t, reference=r.get("response", ""),
+               ended=bool(e)) for r, t, e in zip(records, texts, np.asarray(out.ended))]
+
+
+# --- Training -------------------------------------------------------------------------------
+
+
+def train(c: Any, workdir: str) -> dict:
+  """Runs `c.total_iterations` SFT steps (c from `config.sft_config()`); see the module doc.
+
+  Returns ``{'eval_loss', 'eval_accuracy', 'hf_dir', 'trainable_params', 'seconds'}``.
+  """
+  from perl_jax.data import jsonl
+  from perl_jax.metrics import MetricsWriter
+  from perl_jax.models import save_hf_checkpoint
+  from perl_jax.tokenizers import check_vocab
+
+  t_start = time.perf_counter()
+  rng = jax.random.PRNGKey(c.seed)
+  rng, model_rng = jax.random.split(rng)
+
+  # --- Data, tokenizer, model -------------------------------------------------------------
+  train_path, eval_path, synthetic_tokenizer = sft_data_paths(c, workdir)
+  train_records = jsonl.read_jsonl(train_path, "sft")
+  eval_records = jsonl.read_jsonl(eval_path, "sft")
+  cache = common.BaseCache(c.dtype)
+  lcfg = common.lora_from_config(c.lora)
+  if c.policy.init:
+    model = common.load_model(c.policy.init, head="lm", lora=lcfg, cache=cache, rng=model_rng)
+    tokenizer = load_policy_tokenizer(model, c.policy.init)
+  else:
+    tokenizer = scratch_tokenizer(train_records + eval_records, synthetic_tokenizer, workdir)
+    scratch = common.scratch_config(c, vocab_size=len(tokenizer),
+                                    special=_special_ids(tokenizer), dtype=c.dtype)
+    model = common.load_model("", head="lm", lora=lcfg, cache=cache, rng=model_rng,
+                              scratch=scratch)
+  check_vocab(tokenizer, model.cfg)
+  encode = lambda records: jsonl.encode_sft(tokenizer, records, c.data.max_prompt_len,
+                                            c.data.max_response_len, c.data.truncate)
+  train_data, eval_data = encode(train_records), encode(eval_records)
+  n_cut = int(train_data["prompt_truncated_B"].sum() + eval_data["prompt_truncated_B"].sum())
+  train_data = {k: train_data[k] for k in SFT_KEYS}
+  eval_data = {k: eval_data[k] for k in SFT_KEYS}
+
+  # --- Optimizer and compiled functions ---------------------------------------------------
+  optimizer = common.make_optimizer(c.optimizer)
+  frozen = model.frozen
+  trainable = jax.tree.map(jnp.copy, model.trainable)  # donated below: never alias the model's
+  opt_state = optimizer.init(trainable)
+  step_fn = make_train_step(model.module, optimizer)
+  eval_fn = make_eval_fn(model.module)
+
+  writer = MetricsWriter(workdir, c.total_iterations, progress=c.progress,
+                         progress_keys=("loss", "accuracy", "eval/loss"))
+  n_train, n_frozen = common.count(trainable), common.count(frozen)
+  fraction = n_train / (n_train + n_frozen)
+  logging.info("SFT: %d trainable parameters (%.4f%% of %d)%s", n_train, 100 * fraction,
+               n_train + n_frozen, f", LoRA rank {lcfg.rank}" if lcfg else ", full fine-tuning")
+  writer.write(0, {"params/trainable": n_train, "params/trainable_fraction": fraction,
+                   "params/prompts_truncated": n_cut})
+  shown = eval_records[:NUM_LOGGED_SAMPLES]
+
+  def run_eval(step: int) -> dict[str, float]:
+    metrics = evaluate(eval_fn, trainable, frozen, eval_data, c.data.batch_size)
+    writer.write(step, metrics)
+    writer.write_samples(step, greedy_samples(
+        model.module, common.variables(frozen, trainable), tokenizer, shown,
+        c.data.max_prompt_len, c.data.max_response_len + 1, c.data.truncate))
+    return metrics
+
+  # --- Loop -------------------------------------------------------------------------------
+  # Per-step dropout keys in one call: an eager fold_in per step costs more than a small step.
+  step_keys = np.asarray(jax.random.split(rng, c.total_iterations))
+  epoch, order = 0, jsonl.batches(train_data, c.data.batch_size, c.seed, 0)
+  eval_metrics: dict[str, float] = {}  # the last step always evaluates
+  for step in range(1, c.total_iterations + 1):
+    idx = next(order, None)
+    if idx is None:  # a new epoch, reshuffled
+      epoch += 1
+      order = jsonl.batches(train_data, c.data.batch_size, c.seed, epoch)
+      idx = next(order)
+    batch = jsonl.take(train_data, idx)
+    trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
+                                            step_keys[step - 1])
+    if step % c.log_every == 0 or step == c.total_iterations:
+      writer.write(step, {**metrics, "lr": lr_at(c.optimizer, step - 1), "epoch": epoch})
+    if step % c.eval_every == 0 or step == c.total_iterations:
+      eval_metrics = run_eval(step)
+  writer.close()
+
+  # --- Save: merged HF checkpoint + tokenizer ---------------------------------------------
+  hf_dir = os.path.join(workdir, "hf")
+  merged = common.variables(frozen, trainable)
+  lora = (model.lora, merged["lora"]) if "lora" in merged else None
+  save_hf_checkpoint(model.cfg, merged["params"], hf_dir, lora=lora)
+  tokenizer.save_pretrained(hf_dir)
+  seconds = time.perf_counter() - t_start
+  logging.info("SFT: eval loss %.4f, accuracy %.3f; saved %s (%.1f s)",
+               eval_metrics["eval/loss"], eval_metrics["eval/accuracy"], hf_dir, seconds)
+  return {"eval_loss": float(eval_metrics["eval/loss"]),
+          "eval_accuracy": float(eval_metrics["eval/accuracy"]), "hf_dir": hf_dir,
+          "trainable_params": n_train, "seconds": seconds}
