@@ -79,7 +79,7 @@ def _ppo_with_prerequisites(c, workdir: str) -> dict:
       reward_summary = _cached_summary(rc, os.path.join(workdir, "reward"))
       c.reward.init = reward_summary["model_dir"]
       extra["reward_model_accuracy"] = reward_summary["accuracy"]
-  summary = ppo.train(c, os.path.join(workdir, "ppo"), gold_fn=gold_fn)
+  summary = ppo.train(c, workdir, gold_fn=gold_fn)
   return {**extra, **summary}
 
 

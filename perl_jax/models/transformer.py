@@ -105,9 +105,16 @@ class Linear(nn.Module):
 
 
 def _contract(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
-  """Contracts the last n dims of x with the first n dims of w."""
-  dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
-  return jax.lax.dot_general(x, w, dims)
+  """Contracts the last n dims of x with the first n dims of w, as ONE 2-D matmul.
+
+  Flattening first matters for speed: with 3-D dot_generals, XLA:CPU materialises transposed
+  copies of the activation gradients for the weight gradients (LoRA updates spent more time
+  copying than multiplying).
+  """
+  lead, inner, out = x.shape[:x.ndim - n], w.shape[:n], w.shape[n:]
+  k = int(np.prod(inner))
+  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1))
+  return y.reshape(lead + out)
 
 
 class Norm(nn.Module):

@@ -131,10 +131,11 @@ def fresh_head(cfg: ModelConfig, rng: jax.Array) -> Params:
   return {"score": {"kernel": kernel.astype(cfg.weight_dtype)}}
 
 
-def _split_head(params: Params) -> tuple[Params, Params]:
+def _split_head(params: Params, cfg: ModelConfig) -> tuple[Params, Params]:
+  """(the scalar head, the rest): a scalar model keeps no unused lm_head in its frozen tree."""
   head = {k: v for k, v in params.items() if k == "score"}
-  rest = {k: v for k, v in params.items() if k != "score"}
-  return head, rest
+  dropped = ("score", "lm_head") if cfg.head == "scalar" else ("score",)
+  return head, {k: v for k, v in params.items() if k not in dropped}
 
 
 def load_model(init: str, *, head: str, lora: lora_lib.LoraConfig | None, cache: BaseCache,
@@ -164,7 +165,7 @@ def load_model(init: str, *, head: str, lora: lora_lib.LoraConfig | None, cache:
     raise ValueError(f"{init!r} is a scalar (ForSequenceClassification) model; a causal LM "
                      "is needed here")
   if head == "scalar" and cfg.head == "lm":
-    params = {**params, **fresh_head(cfg, rng_head)}
+    params = {**{k: v for k, v in params.items() if k != "lm_head"}, **fresh_head(cfg, rng_head)}
     cfg = cfg.replace(head="scalar")
   tokenizer_dir = str(path) if (path / "tokenizer_config.json").exists() else None
   return _assemble(cfg, params, lora, str(path), tokenizer_dir, rng_adapters)
@@ -177,7 +178,7 @@ def _assemble(cfg: ModelConfig, params: Params, lora: lora_lib.LoraConfig | None
     return Model(Transformer(cfg), {"params": {}}, trainable, None, tokenizer_dir)
   module = Transformer(cfg, lora=lora)
   adapters = lora_lib.init_adapters(module, params, rng)
-  head, rest = _split_head(params)
+  head, rest = _split_head(params, cfg)
   trainable = {"lora": adapters, **({"params": head} if head else {})}
   return Model(module, {"params": rest}, trainable, base, tokenizer_dir)
 
@@ -223,12 +224,14 @@ def _load_perl_jax_dir(path: Path, head: str, cache: BaseCache, rng: jax.Array) 
                                                       param_dtype=base_cfg.param_dtype):
       raise ValueError(f"{path}: its base checkpoint {meta['base']!r} no longer matches the "
                        "architecture it was trained on")
-    frozen = {"params": _split_head(base_params)[1]}
+    frozen = {"params": base_params}
   if head == "scalar" and cfg.head == "lm":
     cfg = cfg.replace(head="scalar")
     trainable = merge(trainable, {"params": fresh_head(cfg, rng)})
   elif head != cfg.head:
     raise ValueError(f"{path} holds a {cfg.head!r}-head model; a {head!r} head is needed here")
+  if frozen["params"]:
+    frozen = {"params": _split_head(frozen["params"], cfg)[1]}
   model = Model(Transformer(cfg, lora=lcfg), frozen, trainable, meta["base"],
                 meta.get("tokenizer_dir"), meta.get("reward_gain", 1.0),
                 meta.get("reward_bias", 0.0))

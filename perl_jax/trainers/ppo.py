@@ -34,6 +34,7 @@ import optax
 from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
 from perl_jax.trainers import common
+from perl_jax.trainers.reward import last_token
 
 Params = Any
 
@@ -90,13 +91,6 @@ def response_values(module, variables: dict, tokens_BxT, mask_BxT, n: int, rngs=
   """Value of the state before each response token (the same shift as the log-probs)."""
   values = module.apply(variables, tokens_BxT, mask_BxT=mask_BxT, rngs=rngs or {})
   return values[:, tokens_BxT.shape[1] - n - 1:-1]
-
-
-def last_token(values_BxT, mask_BxT):
-  """values at each row's last real token."""
-  t = mask_BxT.shape[1]
-  last = t - 1 - jnp.argmax(mask_BxT[:, ::-1].astype(jnp.int32), axis=1)
-  return jnp.take_along_axis(values_BxT, last[:, None], axis=1)[:, 0]
 
 
 def make_score_fn(policy, reward, value, temperature: float, missing_eos_penalty: float):
