@@ -11,7 +11,7 @@ import pytest
 from perl_jax.data import (DataError, batches, detect_preference_kind, encode_pairs,
                            encode_pointwise, encode_prompt_batch, encode_sft, read_jsonl, take,
                            write_jsonl)
-from perl_jax.data import synthetic
+from perl_jax.data import jsonl, synthetic
 from perl_jax.tokenizers import load_tokenizer, train_bpe_tokenizer
 
 
@@ -408,3 +408,14 @@ def test_prepare_is_idempotent(tmp_path):
   assert json.loads((tmp_path / "d" / "manifest.json").read_text())["seed"] == 1
   with pytest.raises(ValueError, match="unknown sizes"):
     synthetic.prepare(tmp_path / "d", sizes={"rl": 3})
+
+
+def test_endless_batches_walks_epochs_in_order():
+  arrays = {"x": np.arange(10)}
+  got = [next(it) for it in [jsonl.endless_batches(arrays, 4, seed=3)] for _ in range(5)]
+  epochs = [e for e, _ in got]
+  assert epochs == [0, 0, 1, 1, 2]  # 10 examples -> 2 full batches per epoch
+  for e in (0, 1):
+    expected = list(jsonl.batches(arrays, 4, 3, e))
+    np.testing.assert_array_equal(np.concatenate([i for ep, i in got if ep == e]),
+                                  np.concatenate(expected))

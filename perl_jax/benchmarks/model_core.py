@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perl_jax.benchmarks import print_table
 from perl_jax.models.config import FAMILIES, ModelConfig, tiny_config
 from perl_jax.models.transformer import Transformer, init_params
 from perl_jax.sampling import SamplingConfig, sample
@@ -110,19 +111,6 @@ def kv_bytes(cfg: ModelConfig, batch: int, filled: float) -> float:
   return batch * filled * per_token
 
 
-def _row(cells: list[Any], widths: list[int]) -> str:
-  return "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                   for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-def _print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-  print(f"\n{title}")
-  print(_row(header, widths))
-  print("  ".join("-" * w for w in widths))
-  for r in rows:
-    print(_row(r, widths))
-
 
 def run(models: list[tuple[str, ModelConfig]], args: argparse.Namespace, roofline: bool) -> None:
   decode_batches = [int(b) for b in args.decode_batches.split(",")]
@@ -152,13 +140,13 @@ def run(models: list[tuple[str, ModelConfig]], args: argparse.Namespace, rooflin
   print(f"\ndevice: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{jax.device_count()} device(s); jax {jax.__version__}; median of {args.repeats} runs, "
         "compile excluded")
-  _print_table("Forward (prefill, logits for every position)",
+  print_table("Forward (prefill, logits for every position)",
                ["model", "params", "BxT", "ms", "tokens/s"], fwd_rows)
-  _print_table(f"Sampler: generated tokens/s (prompt {args.prompt_len}, "
+  print_table(f"Sampler: generated tokens/s (prompt {args.prompt_len}, "
                f"{args.new_tokens} new tokens, prefill included)",
                ["model"] + [f"B={b}" for b in decode_batches], dec_rows)
   if roofline:
-    _print_table(f"Decode step vs memory-bandwidth roofline (peak {args.peak_gbps:,.0f} GB/s; "
+    print_table(f"Decode step vs memory-bandwidth roofline (peak {args.peak_gbps:,.0f} GB/s; "
                  "bytes = params + mean KV cache in use)",
                  ["model", "B", "step ms", "decode tok/s", "MB/step", "GB/s", "of peak"],
                  roof_rows)

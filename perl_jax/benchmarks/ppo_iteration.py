@@ -77,6 +77,8 @@ from typing import Any
 
 import numpy as np
 
+from perl_jax.benchmarks import print_table
+
 # Defaults per mode: (prompts per iteration, prompt length, new tokens).
 _CPU_DEFAULTS = dict(batch=16, prompt_len=32, new_tokens=32)
 _GPU_DEFAULTS = dict(batch=32, prompt_len=64, new_tokens=128)  # untested: no GPU here
@@ -394,19 +396,6 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
 # --- Reporting ------------------------------------------------------------------------------
 
 
-def _row(cells: list[Any], widths: list[int]) -> str:
-  return "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                   for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-def _print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-  print(f"\n{title}")
-  print(_row(header, widths))
-  print("  ".join("-" * w for w in widths))
-  for r in rows:
-    print(_row(r, widths))
-
 
 def _name(r: dict) -> str:
   return f"B={r['batch']} P={r['prompt_len']} N={r['new_tokens']}"
@@ -425,7 +414,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
                  f"{r['update_s']:.3f}", f"{r['batch'] * r['new_tokens'] / r['iter_s']:,.0f}",
                  r["compiles"], f"{r['warmup_s']:.1f}",
                  " ".join(f"{x:.2f}" for x in r["loadavg"])])
-  _print_table("Seconds per PPO iteration (median; train = advantages + update; cpu s = "
+  print_table("Seconds per PPO iteration (median; train = advantages + update; cpu s = "
                f"process CPU time per iteration, all threads, on {base['cpu_count']} cores: "
                "iter s well above cpu s / cores means other processes took the cores)",
                ["config", "iter s", "min-max", "cpu s", "generate", "score", "advantages",
@@ -445,7 +434,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
         f"{(g.get('score') or 0) / r['score_s']:.1f}",
         f"{(g.get('update') or 0) / r['update_s']:.1f}"])
   if rows:
-    _print_table("Work per iteration (XLA cost analysis) and achieved rate",
+    print_table("Work per iteration (XLA cost analysis) and achieved rate",
                  ["config", "gen GFLOP", "score GFLOP", "update GFLOP", "total GFLOP",
                   "GFLOP/s", "gen GFLOP/s", "score GFLOP/s", "update GFLOP/s"], rows)
 
@@ -459,7 +448,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
                  opt(r["trimmed_rss_mb"]), f"{m['end']['maxrss_mb']:.0f}",
                  opt(r["temp_mb"].get("score")), opt(r["temp_mb"].get("update")),
                  opt(r["device_peak_mb"])])
-  _print_table("Memory, MB: RSS after importing jax + perl_jax / loading the 4 models / loading "
+  print_table("Memory, MB: RSS after importing jax + perl_jax / loading the 4 models / loading "
                "the tokenizer / the first (compiling) generate, score, update / the timed "
                "iterations / malloc_trim(0); peak RSS = ru_maxrss; XLA temp buffers of the "
                "compiled score and update programs" + ("" if args.isolate else
@@ -472,7 +461,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
           "load_tokenizer pulls it in); it is part of the 'tokenizer' step above")
 
   rows = [[_name(r), f"{r['merge_ms']:.2f}"] for r in results]
-  _print_table("Host overhead: common.variables() merges per iteration (3 calls), ms",
+  print_table("Host overhead: common.variables() merges per iteration (3 calls), ms",
                ["config", "ms"], rows)
 
   if len(results) > 1:
@@ -485,7 +474,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
                    f"x{r['score_s'] / base['score_s']:.2f}",
                    f"x{r['train_s'] / base['train_s']:.2f}",
                    f"{r['iter_s'] / (r['batch'] * r['new_tokens']) * 1e3:.3f}"])
-    _print_table("Scaling relative to the base configuration",
+    print_table("Scaling relative to the base configuration",
                  ["config", "prompts", "new tokens", "iter s", "iter", "generate", "score",
                   "train", "ms / resp token"], rows)
 

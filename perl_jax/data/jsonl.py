@@ -378,6 +378,16 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
   return iter(order[:n // batch_size * batch_size].reshape(-1, batch_size))
 
 
+def endless_batches(arrays: Mapping[str, np.ndarray], batch_size: int,
+                    seed: int) -> Iterator[tuple[int, np.ndarray]]:
+  """(epoch, indices) forever: the `batches` of epoch 0, then of epoch 1 (reshuffled), ..."""
+  epoch = 0
+  while True:
+    for idx in batches(arrays, batch_size, seed, epoch):
+      yield epoch, idx
+    epoch += 1
+
+
 def take(arrays: Mapping[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
   """The rows `indices` of every array."""
   return {key: np.asarray(value)[indices] for key, value in arrays.items()}

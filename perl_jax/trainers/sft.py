@@ -267,14 +267,10 @@ def train(c: Any, workdir: str) -> dict:
   # --- Loop -------------------------------------------------------------------------------
   # Per-step dropout keys in one call: an eager fold_in per step costs more than a small step.
   step_keys = np.asarray(jax.random.split(rng, c.total_iterations))
-  epoch, order = 0, jsonl.batches(train_data, c.data.batch_size, c.seed, 0)
+  order = jsonl.endless_batches(train_data, c.data.batch_size, c.seed)
   eval_metrics: dict[str, float] = {}  # the last step always evaluates
   for step in range(1, c.total_iterations + 1):
-    idx = next(order, None)
-    if idx is None:  # a new epoch, reshuffled
-      epoch += 1
-      order = jsonl.batches(train_data, c.data.batch_size, c.seed, epoch)
-      idx = next(order)
+    epoch, idx = next(order)
     batch = jsonl.take(train_data, idx)
     trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                             step_keys[step - 1])
