@@ -231,7 +231,7 @@ def test_prompt_truncation_both_ways(tmp_path, tok):
   records = read_jsonl(path, "sft")
   with pytest.raises(DataError) as e:
     encode_sft(tok, records, 5, 8)
-  assert (f"1 prompt(s) longer than max_prompt_len=5" in str(e.value)
+  assert ("1 prompt(s) longer than max_prompt_len=5" in str(e.value)
           and f"{path}:2: 9 tokens" in str(e.value) and "'prompt'" in str(e.value))
   out = encode_sft(tok, records, 5, 8, truncate="left")
   assert out["prompt_truncated_B"].tolist() == [False, True]

@@ -228,3 +228,23 @@ def test_cli_rejects_unknown_key_and_bad_value_before_compiling(tmp_path):
                           timeout=120)
     assert proc.returncode != 0
     assert expected in proc.stderr + proc.stdout
+
+
+def test_tokenizer_that_does_not_fit_fails_before_loading_or_compiling(prereqs, tmp_path,
+                                                                       monkeypatch):
+  import shutil
+
+  small = tmp_path / "small_vocab_policy"
+  shutil.copytree(prereqs["policy"], small)
+  cfg = json.loads((small / "config.json").read_text())
+  cfg["vocab_size"] = 8  # the synthetic tokenizer has ~40 tokens
+  (small / "config.json").write_text(json.dumps(cfg))
+  c = _config(prereqs)
+  c.policy.init = str(small)
+
+  def must_not_load(*args, **kwargs):
+    raise AssertionError("models were loaded before the tokenizer was checked")
+
+  monkeypatch.setattr(common, "load_model", must_not_load)
+  with pytest.raises(ValueError, match=r"vocab_size is 8"):
+    ppo.train(c, str(tmp_path / "run"))

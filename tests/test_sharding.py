@@ -19,7 +19,11 @@ from perl_jax.lora import ALL_TARGETS, LoraConfig, init_adapters
 from perl_jax.models import Transformer, init_params, tiny_config
 from perl_jax.models import transformer as transformer_module
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (host) devices")
+
+
+def test_conftest_provides_8_host_devices():
+  # Every test below builds 8-device meshes; without them they must fail, never skip.
+  assert jax.device_count() == 8
 
 FSDP = dict(fsdp=8)
 TENSOR4 = dict(fsdp=2, tensor=4)

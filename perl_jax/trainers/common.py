@@ -22,6 +22,7 @@ reference, a value model and a reward model built on one checkpoint hold one cop
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -124,6 +125,41 @@ class BaseCache:
     return self._loaded[key]
 
 
+def peek(init: str) -> tuple[ModelConfig, str | None]:
+  """(architecture, tokenizer directory or None) of a model directory, reading no weights.
+
+  Lets trainers check a tokenizer against the model before anything is loaded or compiled.
+  """
+  from perl_jax.models.hf import config_from_hf
+
+  path = Path(init)
+  if (path / META_FILE).exists():
+    meta = json.loads((path / META_FILE).read_text())
+    tokenizer_dir = meta.get("tokenizer_dir")
+    if tokenizer_dir is None and meta["base"] is not None:
+      tokenizer_dir = peek(meta["base"])[1]
+    return _cfg_from_json(meta["model_config"]), tokenizer_dir
+  if (path / "config.json").exists():
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    return cfg, str(path) if (path / "tokenizer_config.json").exists() else None
+  raise FileNotFoundError(f"{init!r} is neither a Hugging Face checkpoint (no config.json) nor "
+                          f"a perl_jax model directory (no {META_FILE})")
+
+
+def checked_tokenizer(init: str, fallback_dir: str | None = None) -> Any:
+  """The tokenizer stored with checkpoint `init` (else `fallback_dir`), checked to fit it."""
+  from perl_jax.tokenizers import check_vocab, load_tokenizer
+
+  cfg, tokenizer_dir = peek(init)
+  tokenizer_dir = tokenizer_dir or fallback_dir
+  if tokenizer_dir is None:
+    raise ValueError(f"{init!r} holds no tokenizer (tokenizer_config.json); save one next to "
+                     "the checkpoint")
+  tokenizer = load_tokenizer(tokenizer_dir)
+  check_vocab(tokenizer, cfg)
+  return tokenizer
+
+
 def fresh_head(cfg: ModelConfig, rng: jax.Array) -> Params:
   """A scalar head with N(0, 1/sqrt(d + 1)) weights (RLHF implementation details)."""
   std = (cfg.embed_dim + 1) ** -0.5
@@ -210,9 +246,7 @@ def _load_perl_jax_dir(path: Path, head: str, cache: BaseCache, rng: jax.Array) 
   from safetensors.numpy import load_file
 
   meta = json.loads((path / META_FILE).read_text())
-  cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in meta["model_config"].items()})
-  cfg = cfg.replace(dtype=cache.dtype, param_dtype=cache.dtype)
+  cfg = _cfg_from_json(meta["model_config"]).replace(dtype=cache.dtype, param_dtype=cache.dtype)
   lcfg = None if meta["lora"] is None else lora_lib.LoraConfig(
       **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
   trainable = jax.tree.map(lambda x: jnp.asarray(x, cfg.weight_dtype),
@@ -248,6 +282,10 @@ def _check_complete(model: Model, path: Path) -> None:
   wrong = sorted(k for k in set(expected) & set(have) if expected[k].shape != have[k].shape)
   if missing or wrong:
     raise ValueError(f"{path}: incomplete model: missing {missing[:5]}, wrong shapes {wrong[:5]}")
+
+
+def _cfg_from_json(fields: dict) -> ModelConfig:
+  return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _cfg_to_json(cfg: ModelConfig) -> dict:
@@ -287,6 +325,25 @@ def make_optimizer(c: Any, lr: float | None = None) -> optax.GradientTransformat
   if c.max_grad_norm:
     return optax.chain(optax.clip_by_global_norm(c.max_grad_norm), adam)
   return adam
+
+
+def make_train_step(loss_fn: Any, optimizer: optax.GradientTransformation) -> Any:
+  """The jitted pure step ``(trainable, opt_state, frozen, batch, rng) -> (trainable,
+  opt_state, metrics)`` for ``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)``.
+
+  Metrics gain ``loss`` and ``grad_norm`` (before clipping). `trainable` and `opt_state` are
+  donated (updated in place): do not reuse the arrays passed in.
+  """
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(trainable: Params, opt_state: Any, frozen: Params, batch: Any, rng: jax.Array):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch,
+                                                                       rng)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+
+  return step
 
 
 def count(tree: Params) -> int:

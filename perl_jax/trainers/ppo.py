@@ -279,7 +279,6 @@ def load_models(c, cache: common.BaseCache, rng) -> Models:
 
 
 def rollout_arrays(batch: Rollout, adv, returns) -> dict:
-  n = batch.response_mask_BxN.shape[1]
   return dict(tokens=batch.tokens_BxT, mask=batch.mask_BxT, response_mask=batch.response_mask_BxN,
               logp=batch.logp_BxN, values=batch.values_BxN, adv=adv, returns=returns)
 
@@ -296,17 +295,16 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   """Runs c.total_iterations PPO iterations; returns a summary (gold reward when `gold_fn`)."""
   from perl_jax.data import jsonl
   from perl_jax.metrics import MetricsWriter
-  from perl_jax.tokenizers import check_vocab, eos_ids, load_tokenizer
+  from perl_jax.tokenizers import eos_ids
 
   # --- Setup: models, tokenizer, prompts, optimizers --------------------------------------
   rng = jax.random.PRNGKey(c.seed)
   rng, model_rng = jax.random.split(rng)
   np_rng = np.random.default_rng(c.seed)
+  tokenizer = common.checked_tokenizer(c.policy.init)  # before anything compiles
   cache = common.BaseCache(c.dtype)
   models = load_models(c, cache, model_rng)
   policy, value = models.policy, models.value
-  tokenizer = load_tokenizer(policy.tokenizer_dir or c.policy.init)
-  check_vocab(tokenizer, policy.cfg)
   eos, pad = eos_ids(tokenizer, policy.cfg), int(tokenizer.pad_token_id)
   prompts = jsonl.read_jsonl(c.data.prompts, "prompts")
   prompt_tokens, prompt_mask, n_cut = jsonl.encode_prompt_batch(

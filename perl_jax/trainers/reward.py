@@ -27,8 +27,6 @@ Design
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import time
 from typing import Any, Callable
@@ -116,17 +114,7 @@ def make_train_step(module: Any, optimizer: optax.GradientTransformation, kind: 
   """The jitted pure step ``(trainable, opt_state, frozen, batch, rng) -> (trainable,
   opt_state, metrics)``; metrics: loss, accuracy, (pairwise) margin and bt, score mean/std,
   grad_norm. `trainable` and `opt_state` are donated: do not reuse the arrays passed in."""
-  loss_fn = make_loss_fn(module, kind, margin, center_coef)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(trainable: Params, opt_state: Any, frozen: Params, batch: Batch, rng: jax.Array):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch,
-                                                                       rng)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-
-  return step
+  return common.make_train_step(make_loss_fn(module, kind, margin, center_coef), optimizer)
 
 
 def evaluate(scores: Callable, variables: dict, data: dict[str, np.ndarray], kind: str,
@@ -233,19 +221,6 @@ def _data(c: Any, workdir: str) -> tuple[str, str, str, str | None]:
       paths["tokenizer"]
 
 
-def _tokenizer_dir(init: str) -> str | None:
-  """Where the tokenizer of checkpoint `init` (HF or perl_jax directory) lives, if anywhere."""
-  if not init:
-    return None
-  if os.path.exists(os.path.join(init, "tokenizer_config.json")):
-    return init
-  meta = os.path.join(init, common.META_FILE)
-  if os.path.exists(meta):
-    with open(meta) as f:
-      return json.load(f).get("tokenizer_dir")
-  return None
-
-
 def _synthetic_policy(c: Any, workdir: str) -> str:
   """Trains the synthetic task's SFT policy (sft_config defaults, this config's model)."""
   from perl_jax import config as config_lib
@@ -274,7 +249,7 @@ def train(c: Any, workdir: str) -> dict:
   """
   from perl_jax.data import jsonl
   from perl_jax.metrics import MetricsWriter
-  from perl_jax.tokenizers import check_vocab, eos_ids, load_tokenizer
+  from perl_jax.tokenizers import eos_ids
 
   t_start = time.perf_counter()
   rng = jax.random.PRNGKey(c.seed)
@@ -296,13 +271,11 @@ def train(c: Any, workdir: str) -> dict:
                      "'auto'")
   cache = common.BaseCache(c.dtype)
   init = c.reward.init or policy_init
+  # The tokenizer is checked against the architecture before anything is loaded or compiled.
+  tokenizer = common.checked_tokenizer(
+      init, (common.peek(policy_init)[1] if policy_init else None) or synthetic_tokenizer)
   model = common.load_model(init, head="scalar", lora=common.lora_from_config(c.lora),
                             cache=cache, rng=model_rng)
-  tokenizer_dir = model.tokenizer_dir or _tokenizer_dir(policy_init) or synthetic_tokenizer
-  if tokenizer_dir is None:
-    raise ValueError(f"config.reward.init: no tokenizer next to {init!r} or policy.init")
-  tokenizer = load_tokenizer(tokenizer_dir)
-  check_vocab(tokenizer, model.cfg)
   keys = PAIR_KEYS if kind == "pairwise" else POINT_KEYS
   encoder = jsonl.encode_pairs if kind == "pairwise" else jsonl.encode_pointwise
   encode = lambda records: encoder(tokenizer, records, c.data.max_prompt_len,
@@ -370,7 +343,7 @@ def train(c: Any, workdir: str) -> dict:
   writer.close()
   model_dir = os.path.join(workdir, "model")
   final = dataclasses.replace(model, trainable=trainable, reward_gain=gain, reward_bias=bias,
-                              tokenizer_dir=model.tokenizer_dir or tokenizer_dir)
+                              tokenizer_dir=model.tokenizer_dir or tokenizer.name_or_path)
   common.save_model(model_dir, final)
   seconds = time.perf_counter() - t_start
   logging.info("reward: held-out accuracy %.3f, gain %.4f, bias %.4f; saved %s (%.1f s)",

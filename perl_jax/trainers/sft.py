@@ -18,13 +18,12 @@ Design
 * At the end the model is written as a Hugging Face checkpoint with the adapters merged, plus
   its tokenizer, to ``workdir/hf``: later stages load it with ``policy.init=workdir/hf``.
 
-The helpers `lr_at`, `padded_batches`, `load_policy_tokenizer` and `sft_data_paths` are
+The helpers `lr_at`, `padded_batches` and `sft_data_paths` are
 shared with the reward trainer.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -73,17 +72,7 @@ def make_train_step(module: Any, optimizer: optax.GradientTransformation) -> Cal
 
   `trainable` and `opt_state` are donated (updated in place): do not reuse the arrays passed in.
   """
-  loss_fn = make_loss_fn(module)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(trainable: Params, opt_state: Any, frozen: Params, batch: Batch, rng: jax.Array):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch,
-                                                                       rng)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-
-  return step
+  return common.make_train_step(make_loss_fn(module), optimizer)
 
 
 def make_eval_fn(module: Any) -> Callable:
@@ -145,17 +134,6 @@ def sft_data_paths(c: Any, workdir: str) -> tuple[str, str, str | None]:
 
   paths = synthetic.prepare(os.path.join(workdir, "data"), seed=c.seed)
   return paths["sft_train"], paths["sft_eval"], paths["tokenizer"]
-
-
-def load_policy_tokenizer(model: common.Model, init: str) -> Any:
-  """The tokenizer stored with a checkpoint (`init`, or the base of a perl_jax directory)."""
-  from perl_jax.tokenizers import load_tokenizer
-
-  where = model.tokenizer_dir
-  if where is None:
-    raise ValueError(f"config.policy.init: {init!r} holds no tokenizer (tokenizer_config.json); "
-                     "save one next to the checkpoint")
-  return load_tokenizer(where)
 
 
 def scratch_tokenizer(records: list[dict], synthetic_dir: str | None, workdir: str) -> Any:
@@ -222,8 +200,8 @@ def train(c: Any, workdir: str) -> dict:
   cache = common.BaseCache(c.dtype)
   lcfg = common.lora_from_config(c.lora)
   if c.policy.init:
+    tokenizer = common.checked_tokenizer(c.policy.init)  # before anything compiles
     model = common.load_model(c.policy.init, head="lm", lora=lcfg, cache=cache, rng=model_rng)
-    tokenizer = load_policy_tokenizer(model, c.policy.init)
   else:
     tokenizer = scratch_tokenizer(train_records + eval_records, synthetic_tokenizer, workdir)
     scratch = common.scratch_config(c, vocab_size=len(tokenizer),
