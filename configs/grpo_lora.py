@@ -11,4 +11,5 @@ def get_config():
   c.ppo.estimator = "grpo"
   c.rollout.num_samples = 4
   c.ppo.batch_size = 8
+  c.ppo.whiten_advantages = False  # the group normalisation already is the whitening
   return c
