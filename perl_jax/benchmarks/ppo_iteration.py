@@ -107,24 +107,10 @@ def model_config(preset: str | None):
 
 def build_word_tokenizer(vocab_size: int, out_dir: str):
   """A word-level fast tokenizer with exactly `vocab_size` entries, saved to `out_dir`."""
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, processors
-  import transformers
+  from perl_jax.data import synthetic
 
-  special = ["<pad>", "<bos>", "<eos>", "<unk>"]
-  vocab = {w: i for i, w in enumerate(special + [f"w{i}" for i in range(len(special),
-                                                                         vocab_size)])}
-  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.add_special_tokens(special)
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.post_processor = processors.TemplateProcessing(
-      single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)])
-  tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-  fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-      unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
-  fast.save_pretrained(out_dir)
-  return fast
+  words = [f"w{i}" for i in range(len(synthetic.SPECIAL_TOKENS), vocab_size)]
+  return synthetic.word_level_tokenizer(synthetic.SPECIAL_TOKENS + tuple(words), out_dir)
 
 
 def lora_block(c) -> None:

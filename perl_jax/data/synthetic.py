@@ -80,11 +80,18 @@ def build_tokenizer(out_dir: PathLike) -> Any:
   Encoding prepends ``<bos>``; words outside `VOCAB` become ``<unk>``; decoding joins words
   with single spaces, so a response decodes back to exactly its text.
   """
+  return word_level_tokenizer(VOCAB, out_dir)
+
+
+def word_level_tokenizer(vocab: Sequence[str], out_dir: PathLike) -> Any:
+  """A word-level fast tokenizer over `vocab` (in id order, starting with `SPECIAL_TOKENS`)."""
   import tokenizers
   from tokenizers import decoders, models, pre_tokenizers, processors
   import transformers
 
-  tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)},
+  if tuple(vocab[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+    raise ValueError(f"the vocabulary must start with {SPECIAL_TOKENS}")
+  tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)},
                                               unk_token="<unk>"))
   tok.add_special_tokens(list(SPECIAL_TOKENS))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -187,7 +187,6 @@ def train(c: Any, workdir: str) -> dict:
   from perl_jax.data import jsonl
   from perl_jax.metrics import MetricsWriter
   from perl_jax.models import save_hf_checkpoint
-  from perl_jax.tokenizers import check_vocab
 
   t_start = time.perf_counter()
   rng = jax.random.PRNGKey(c.seed)
@@ -208,7 +207,6 @@ def train(c: Any, workdir: str) -> dict:
                                     special=_special_ids(tokenizer), dtype=c.dtype)
     model = common.load_model("", head="lm", lora=lcfg, cache=cache, rng=model_rng,
                               scratch=scratch)
-  check_vocab(tokenizer, model.cfg)
   encode = lambda records: jsonl.encode_sft(tokenizer, records, c.data.max_prompt_len,
                                             c.data.max_response_len, c.data.truncate)
   train_data, eval_data = encode(train_records), encode(eval_records)
