@@ -101,6 +101,10 @@ def rollout() -> mlc.ConfigDict:
   r.top_k = 0
   r.stop_at_eos = True  # False: always generate exactly max_new_tokens
   r.num_samples = 1  # responses per prompt (>= 2 for rloo / grpo)
+  # Old log-probs for PPO: "auto" takes the sampler's own when it drew from the unfiltered
+  # softmax(logits / T) (top_k = 0, top_p = 1), saving a policy forward pass; "recompute"
+  # always runs one, as TRL does.
+  r.logprobs = "auto"
   return r
 
 
@@ -169,6 +173,8 @@ def validate(c: mlc.ConfigDict) -> None:
       fail("ppo.estimator", f"{p.estimator!r} is not one of gae, reinforce, rloo, grpo")
     if p.kl_estimator not in ("k1", "k2", "k3"):
       fail("ppo.kl_estimator", f"{p.kl_estimator!r} is not one of k1, k2, k3")
+    if r.logprobs not in ("auto", "recompute"):
+      fail("rollout.logprobs", f"{r.logprobs!r} must be 'auto' or 'recompute'")
     if p.estimator in ("rloo", "grpo") and r.num_samples < 2:
       fail("rollout.num_samples", f"{p.estimator} needs >= 2 responses per prompt")
     responses = p.batch_size * r.num_samples

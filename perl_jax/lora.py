@@ -171,6 +171,23 @@ def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
   return merged
 
 
+def inference_variables(variables: dict, cfg: LoraConfig | None) -> dict:
+  """`variables` with the adapters folded into float32 kernels, for forward-only passes.
+
+  Sampling and scoring need no adapter gradients, so one merge (a rank-r product per kernel)
+  replaces a pair of thin matmuls per adapted layer and token. Kernels stored in 16-bit stay
+  unmerged: rounding W + delta to bfloat16 would erase most of a small adapter update, and the
+  sampled policy would drift from the one being trained.
+  """
+  adapters = variables.get("lora")
+  if cfg is None or not adapters:
+    return variables
+  if any(x.dtype != jnp.float32 for x in jax.tree_util.tree_leaves(variables["params"])):
+    return variables
+  rest = {k: v for k, v in variables.items() if k not in ("params", "lora")}
+  return {"params": merge(variables["params"], adapters, cfg), **rest}
+
+
 def count_params(tree: Params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 

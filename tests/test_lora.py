@@ -75,6 +75,21 @@ def test_merged_equals_unmerged(family):
   np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=TOL, rtol=0)
 
 
+def test_inference_variables_fold_float32_adapters_and_leave_16_bit_ones():
+  cfg, lcfg, model, params, adapters = _setup("llama")
+  adapters = _perturb(adapters)
+  tokens, mask = _batch(cfg, seed=2)
+  variables = {"params": params, "lora": adapters}
+  folded = lora.inference_variables(variables, lcfg)
+  assert set(folded) == {"params"}  # adapters are inside the kernels now
+  np.testing.assert_allclose(
+      np.asarray(_apply(model, folded, tokens, mask_BxT=mask)),
+      np.asarray(_apply(model, variables, tokens, mask_BxT=mask)), atol=TOL, rtol=0)
+  half = {"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), "lora": adapters}
+  assert lora.inference_variables(half, lcfg) is half
+  assert lora.inference_variables({"params": params}, lcfg)["params"] is params
+
+
 def test_linear_matches_numpy_formula():
   """y = W x + (alpha / r) B A x on one projection, against NumPy."""
   cfg, lcfg, model, params, adapters = _setup("llama", targets=(r"layers_0/attn/q/kernel$",),

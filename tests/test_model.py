@@ -67,6 +67,20 @@ def test_every_param_has_logical_axes_and_count_matches_config(family):
     assert sum(p.size for _, p in flat_params) == cfg.num_params()
 
 
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+def test_outputs_from_equals_slicing_the_full_outputs(head):
+  cfg = tiny_config("llama", head=head)
+  model = Transformer(cfg)
+  params = init_params(model, jax.random.PRNGKey(0))
+  tokens = _tokens(cfg, 2, 9)
+  mask = jnp.ones((2, 9), bool).at[1, :2].set(False)
+  full = jax.jit(model.apply)({"params": params}, tokens, mask_BxT=mask)
+  tail = jax.jit(model.apply, static_argnames="outputs_from")(
+      {"params": params}, tokens, mask_BxT=mask, outputs_from=5)
+  assert tail.shape == full[:, 5:].shape
+  np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, 5:]), atol=1e-6)
+
+
 def test_scalar_head_gives_one_value_per_token():
   cfg = tiny_config("llama", head="scalar")
   model = Transformer(cfg)

@@ -80,11 +80,41 @@ def test_score_reads_last_real_token_and_penalises_missing_eos(prereqs):
   reward_vars = models.reward.variables()
   *_, scores = score_fn(models.policy.variables(), {"params": models.reference_params},
                         reward_vars, affine, models.value.variables(), tokens, mask, resp_mask,
-                        ended)
+                        ended, jnp.zeros(resp_mask.shape))
   raw = np.asarray(models.reward.module.apply(reward_vars, tokens, mask_BxT=mask))
   last = [9, 7, 9]
   expected = 2.0 * raw[np.arange(3), last] - 0.5 - 0.7 * np.array([0, 0, 1])
   np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_logprobs_stand_in_for_a_recomputation_only_without_filtering(prereqs):
+  """rollout.logprobs="auto": the sampler's log-probs equal a forward pass's (T = 0.7)."""
+  c = _config(prereqs)
+  models = ppo.load_models(c, common.BaseCache(), jax.random.PRNGKey(0))
+  policy = models.policy
+  policy.trainable = jax.tree.map(lambda x: x + 0.05, policy.trainable)  # adapters that matter
+  tok = load_tokenizer(prereqs["policy"])
+  prompts = jsonl.read_jsonl(prereqs["prompts"], "prompts")[:6]
+  p_tok, p_mask, _ = jsonl.encode_prompt_batch(tok, prompts, c.data.max_prompt_len)
+  scfg = SamplingConfig(max_new_tokens=8, temperature=0.7, num_samples=2)
+  tokens, mask, resp_mask, ended, sampler_logp = ppo.rollout(
+      policy.module, policy.variables(), p_tok, p_mask, jax.random.PRNGKey(5), scfg, (2,), 0)
+  args = (policy.variables(), {"params": models.reference_params}, models.reward.variables(),
+          jnp.asarray([1.0, 0.0]), models.value.variables(), tokens, mask, resp_mask, ended,
+          sampler_logp)
+  score = lambda recompute: ppo.make_score_fn(policy.module, models.reward.module,
+                                              models.value.module, 0.7, 0.0, recompute)(*args)
+  reused, recomputed = score(False), score(True)
+  np.testing.assert_array_equal(np.asarray(reused[0]), np.asarray(sampler_logp))
+  np.testing.assert_allclose(np.asarray(reused[0]), np.asarray(recomputed[0]), atol=1e-4)
+  for a, b in zip(reused[1:], recomputed[1:]):  # reference, values, scores do not depend on it
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(jnp.abs(recomputed[0] - recomputed[1]).max()) > 1e-3  # policy != reference
+  assert not ppo.recompute_logprobs(c.rollout)
+  for key, value in (("top_k", 5), ("top_p", 0.9), ("logprobs", "recompute")):
+    r = config.rollout()
+    r[key] = value
+    assert ppo.recompute_logprobs(r), key
 
 
 def test_update_moves_logprobs_with_the_advantage_sign(prereqs):
@@ -97,8 +127,8 @@ def test_update_moves_logprobs_with_the_advantage_sign(prereqs):
   prompts = jsonl.read_jsonl(prereqs["prompts"], "prompts")[:8]
   p_tok, p_mask, _ = jsonl.encode_prompt_batch(tok, prompts, c.data.max_prompt_len)
   scfg = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
-  tokens, mask, resp_mask, ended = ppo.rollout(policy.module, policy.variables(), p_tok, p_mask,
-                                               jax.random.PRNGKey(3), scfg, (2,), 0)
+  tokens, mask, resp_mask, ended, _ = ppo.rollout(policy.module, policy.variables(), p_tok,
+                                                  p_mask, jax.random.PRNGKey(3), scfg, (2,), 0)
   logp, _ = ppo.response_logprobs(policy.module, policy.variables(), tokens, mask, 8, 1.0)
   adv = jnp.where(jnp.arange(8)[None, :] % 2 == 0, 1.0, -1.0) * jnp.ones((8, 1))
   data = dict(tokens=tokens, mask=mask, response_mask=resp_mask, logp=logp,

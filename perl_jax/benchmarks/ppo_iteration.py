@@ -210,6 +210,7 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
   import jax.numpy as jnp
 
   from perl_jax import config, rl
+  from perl_jax import lora as lora_lib
   from perl_jax.sampling import SamplingConfig
   from perl_jax.tokenizers import check_vocab, encode_prompts, eos_ids, load_tokenizer
   from perl_jax.trainers import common, ppo
@@ -260,7 +261,8 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
   kl_state = kl_ctl.init_state()
   reward_stats = rl.RunningMeanStd.create()
   score_fn = ppo.make_score_fn(policy.module, models.reward.module, value.module,
-                               c.rollout.temperature, c.ppo.missing_eos_penalty)
+                               c.rollout.temperature, c.ppo.missing_eos_penalty,
+                               ppo.recompute_logprobs(c.rollout))
   advantages_fn = jax.jit(functools.partial(ppo.advantages, c))
   update_fn = ppo.make_update_fn(c, policy.module, value.module, policy_opt, value_opt)
   first: dict[str, dict] = {}  # RSS after each phase of the first (compiling) iteration
@@ -278,16 +280,16 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
     t0 = time.perf_counter()
     rng, k_roll, k_update = jax.random.split(rng, 3)
     rows = np_rng.choice(len(prompt_tokens), c.ppo.batch_size, replace=False)
-    tokens, mask, resp_mask, ended = ppo.rollout(policy.module, policy_vars(pol_state),
-                                                 prompt_tokens[rows], prompt_mask[rows], k_roll,
-                                                 scfg, eos, pad)
+    tokens, mask, resp_mask, ended, sampler_logp = ppo.rollout(
+        policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], k_roll,
+        scfg, eos, pad)
     jax.block_until_ready(tokens)
     t1 = time.perf_counter()
     if it == 0:
       first["generate"] = _rss_mb()
     logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                               reward_affine, value_vars(), tokens, mask,
-                                              resp_mask, ended)
+                                              resp_mask, ended, sampler_logp)
     jax.block_until_ready((logp, ref_logp, values, scores))
     t2 = time.perf_counter()
     if it == 0:
@@ -340,7 +342,8 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
     resp = jnp.ones((batch, new_tokens), bool)
     ended = jnp.zeros((batch,), bool)
     compiled = score_fn.lower(policy_vars(pol_state), ref_vars, reward_vars, reward_affine,
-                              value_vars(), tokens, mask, resp, ended).compile()
+                              value_vars(), tokens, mask, resp, ended,
+                              jnp.zeros((batch, new_tokens), jnp.float32)).compile()
     gflop["score"], temp_mb["score"] = _gflop(compiled), _temp_mb(compiled)
     zeros = jnp.zeros((batch, new_tokens), jnp.float32)
     data = dict(tokens=tokens, mask=mask, response_mask=resp, logp=zeros, values=zeros,
@@ -353,8 +356,8 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
     gflop["update"] = None if per_call is None else per_call * steps
     temp_mb["update"] = _temp_mb(compiled)
     # Sampler: prefill of P - 1 tokens + new_tokens one-token steps, from two compiled forwards.
-    variables = policy_vars(pol_state)
-    fwd = lambda v, t: policy.module.apply(v, t)
+    variables = lora_lib.inference_variables(policy_vars(pol_state), policy.module.lora)
+    fwd = lambda v, t: policy.module.apply(v, t, outputs_from=t.shape[1] - 1)
     f_prompt = _gflop(jax.jit(fwd).lower(variables, tokens[:, :prompt_len - 1]).compile())
     f_step = _gflop(jax.jit(fwd).lower(variables, tokens[:, :1]).compile())
     if f_prompt is not None and f_step is not None:

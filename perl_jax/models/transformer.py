@@ -266,9 +266,11 @@ class Transformer(nn.Module):
   """Decoder-only LM (head='lm': float32 logits B x T x V) or scalar model (B x T values).
 
   Call: ``apply({'params': p[, 'lora': adapters]}, tokens_BxT, positions_BxT=None,
-  mask_BxT=None, cache=None)``. `mask_BxT` marks real tokens (1) versus padding (0); positions
-  default to ``cumsum(mask) - 1`` (right for left-padded rows). With a cache (see
-  `init_cache`), returns ``(outputs, new_cache)``; without, just the outputs.
+  mask_BxT=None, cache=None, outputs_from=0)``. `mask_BxT` marks real tokens (1) versus
+  padding (0); positions default to ``cumsum(mask) - 1`` (right for left-padded rows). With a
+  cache (see `init_cache`), returns ``(outputs, new_cache)``; without, just the outputs.
+  `outputs_from` (a Python int) returns outputs for positions ``outputs_from:`` only, so a
+  caller that needs the response's logits pays for no vocabulary projection of the prompt.
   """
 
   cfg: ModelConfig
@@ -276,7 +278,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-               mask_BxT: jax.Array | None = None, cache: Cache | None = None):
+               mask_BxT: jax.Array | None = None, cache: Cache | None = None,
+               outputs_from: int = 0):
     cfg = self.cfg
     b, t = tokens_BxT.shape
     mask_BxT = jnp.ones((b, t), bool) if mask_BxT is None else mask_BxT.astype(bool)
@@ -318,7 +321,7 @@ class Transformer(nn.Module):
           x, positions_BxT, allowed, None if cache is None else cache[name], index)
       if cache is not None:
         new_cache[name] = layer_cache
-    x = Norm(cfg, name="final_norm")(x)
+    x = Norm(cfg, name="final_norm")(x[:, outputs_from:] if outputs_from else x)
 
     if cfg.head == "scalar":
       out = Linear((1,), ("embed",), ("score",), dtype=cfg.compute_dtype,

@@ -3,8 +3,8 @@
 One iteration reads top to bottom as four functions:
 
 1. `rollout`     - the policy samples responses with the compiled KV-cache sampler;
-2. `score`       - reward model, reference policy and value model read the batch, and the
-                   policy's own log-probs are recomputed by one forward pass;
+2. `score`       - reward model, reference policy and value model read the batch (and the
+                   policy's own log-probs are recomputed when the sampler's cannot be used);
 3. `advantages`  - per-token KL penalty + score at the last token, running reward
                    normalisation, then GAE (or a critic-free estimator), whitening, clipping;
 4. `update`      - epochs x minibatches x microbatches of clipped-surrogate policy loss,
@@ -16,7 +16,12 @@ and reward differ only in their adapters and heads. Frozen trees are passed to t
 functions as arguments, never closed over.
 
 Log-probs for the PPO ratio and the KL are computed at the sampling temperature (logits /
-T) without top-k/top-p filtering, identically for old, new and reference log-probs.
+T) without top-k/top-p filtering, identically for old, new and reference log-probs. Without
+filtering that is exactly the distribution the sampler drew from, so by default
+(``rollout.logprobs = "auto"``) the old log-probs are the ones the sampler recorded and scoring
+skips the policy's forward pass; with top-k/top-p, or ``"recompute"``, a forward pass
+recomputes them (as TRL does). Forward-only passes fold LoRA adapters into float32 kernels
+first (`lora.inference_variables`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from perl_jax import lora as lora_lib
 from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
 from perl_jax.trainers import common
@@ -46,7 +52,7 @@ class Rollout(NamedTuple):
   mask_BxT: jax.Array  # real tokens
   response_mask_BxN: jax.Array
   ended_B: jax.Array  # emitted EOS
-  logp_BxN: jax.Array  # policy log-probs at sampling time (recomputed by a forward pass)
+  logp_BxN: jax.Array  # policy log-probs at sampling time (the sampler's, or recomputed)
   ref_logp_BxN: jax.Array
   values_BxN: jax.Array  # zeros without a value model
   scores_B: jax.Array  # reward-model scores (gain/bias applied, EOS penalty included)
@@ -62,10 +68,14 @@ class TrainState(NamedTuple):
 
 def rollout(policy, policy_vars: dict, prompt_BxP, prompt_mask_BxP, rng, scfg: SamplingConfig,
             eos_ids: tuple[int, ...], pad_id: int):
-  """Samples scfg.num_samples responses per prompt: (tokens_BxT, mask_BxT, response_mask, ended)."""
+  """Samples scfg.num_samples responses per prompt.
+
+  Returns (tokens_BxT, mask_BxT, response_mask_BxN, ended_B, sampler_logp_BxN).
+  """
   out = sample(policy, policy_vars, prompt_BxP, prompt_mask_BxP, rng, scfg, eos_ids=eos_ids,
                pad_id=pad_id)
-  return _join(out.prompt_tokens, out.prompt_mask, out.tokens, out.mask) + (out.ended,)
+  return _join(out.prompt_tokens, out.prompt_mask, out.tokens, out.mask) + (out.ended,
+                                                                             out.logprobs)
 
 
 @jax.jit
@@ -81,34 +91,48 @@ def _join(prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN):
 def response_logprobs(module, variables: dict, tokens_BxT, mask_BxT, n: int,
                       temperature: float, rngs: dict | None = None):
   """Log-probs of the last n tokens (the response) and the logits that gave them."""
-  logits = module.apply(variables, tokens_BxT, mask_BxT=mask_BxT, rngs=rngs or {})
   p = tokens_BxT.shape[1] - n
-  logits_BxNxV = logits[:, p - 1:-1]  # position t predicts token t + 1
+  # Position t predicts token t + 1: logits of positions P-1 .. T-2, none for the prompt.
+  logits = module.apply(variables, tokens_BxT, mask_BxT=mask_BxT, rngs=rngs or {},
+                        outputs_from=p - 1)
+  logits_BxNxV = logits[:, :-1]
   return token_logprobs(logits_BxNxV, tokens_BxT[:, p:], temperature), logits_BxNxV
 
 
 def response_values(module, variables: dict, tokens_BxT, mask_BxT, n: int, rngs=None):
   """Value of the state before each response token (the same shift as the log-probs)."""
-  values = module.apply(variables, tokens_BxT, mask_BxT=mask_BxT, rngs=rngs or {})
-  return values[:, tokens_BxT.shape[1] - n - 1:-1]
+  values = module.apply(variables, tokens_BxT, mask_BxT=mask_BxT, rngs=rngs or {},
+                        outputs_from=tokens_BxT.shape[1] - n - 1)
+  return values[:, :-1]
 
 
-def make_score_fn(policy, reward, value, temperature: float, missing_eos_penalty: float):
-  """The jitted scoring phase: reward, reference, value and old policy log-probs in one program."""
+def make_score_fn(policy, reward, value, temperature: float, missing_eos_penalty: float,
+                  recompute_logprobs: bool = True):
+  """The jitted scoring phase: reward, reference, value (and old policy) log-probs in one program.
+
+  Without `recompute_logprobs` the old log-probs are the sampler's (`sampler_logp_BxN`), valid
+  when it sampled from the unfiltered softmax(logits / T) (see the module docstring).
+  """
+  merged = lambda module, variables: lora_lib.inference_variables(variables, module.lora)
 
   @jax.jit
   def score(policy_vars, ref_vars, reward_vars, reward_affine, value_vars, tokens_BxT, mask_BxT,
-            response_mask_BxN, ended_B):
+            response_mask_BxN, ended_B, sampler_logp_BxN):
     n = response_mask_BxN.shape[1]
-    logp, _ = response_logprobs(policy, policy_vars, tokens_BxT, mask_BxT, n, temperature)
+    if recompute_logprobs:
+      logp, _ = response_logprobs(policy, merged(policy, policy_vars), tokens_BxT, mask_BxT, n,
+                                  temperature)
+    else:
+      logp = sampler_logp_BxN
     ref_logp, _ = response_logprobs(policy, ref_vars, tokens_BxT, mask_BxT, n, temperature)
-    raw = last_token(reward.apply(reward_vars, tokens_BxT, mask_BxT=mask_BxT), mask_BxT)
+    raw = last_token(reward.apply(merged(reward, reward_vars), tokens_BxT, mask_BxT=mask_BxT),
+                     mask_BxT)
     scores = reward_affine[0] * raw + reward_affine[1]  # gain, bias from reward training
     scores = scores - missing_eos_penalty * (~ended_B)
     if value is None:
       values = jnp.zeros_like(logp)
     else:
-      values = response_values(value, value_vars, tokens_BxT, mask_BxT, n)
+      values = response_values(value, merged(value, value_vars), tokens_BxT, mask_BxT, n)
     on = response_mask_BxN
     return (jnp.where(on, logp, 0.0), jnp.where(on, ref_logp, 0.0),
             jnp.where(on, values, 0.0), scores)
@@ -278,6 +302,11 @@ def load_models(c, cache: common.BaseCache, rng) -> Models:
   return Models(policy, reference, reward, value)
 
 
+def recompute_logprobs(r) -> bool:
+  """Whether old log-probs need a forward pass: the sampler's are of a filtered distribution."""
+  return r.logprobs == "recompute" or r.top_k > 0 or r.top_p < 1.0
+
+
 def rollout_arrays(batch: Rollout, adv, returns) -> dict:
   return dict(tokens=batch.tokens_BxT, mask=batch.mask_BxT, response_mask=batch.response_mask_BxN,
               logp=batch.logp_BxN, values=batch.values_BxN, adv=adv, returns=returns)
@@ -337,7 +366,7 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   reward_stats = rl.RunningMeanStd.create()
   score_fn = make_score_fn(policy.module, models.reward.module,
                            None if value is None else value.module, c.rollout.temperature,
-                           c.ppo.missing_eos_penalty)
+                           c.ppo.missing_eos_penalty, recompute_logprobs(c.rollout))
   advantages_fn = jax.jit(functools.partial(advantages, c))
   update_fn = make_update_fn(c, policy.module, None if value is None else value.module,
                              policy_opt, value_opt)
@@ -351,12 +380,12 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   def evaluate(it: int, rng) -> dict:
     """Reward score, KL to the reference and (synthetic task) gold reward of fresh samples."""
     rows = eval_rows
-    tokens, mask, resp_mask, ended = rollout(policy.module, policy_vars(pol_state),
-                                             prompt_tokens[rows], prompt_mask[rows], rng,
-                                             eval_scfg, eos, pad)
+    tokens, mask, resp_mask, ended, sampler_logp = rollout(
+        policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], rng,
+        eval_scfg, eos, pad)
     logp, ref_logp, _, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                          reward_affine, value_vars(), tokens, mask, resp_mask,
-                                         ended)
+                                         ended, sampler_logp)
     kl = rl.sequence_kl(rl.kl_k1(logp, ref_logp), resp_mask)
     texts = tokenizer.batch_decode(np.where(np.asarray(resp_mask), np.asarray(
         tokens[:, -resp_mask.shape[1]:]), pad), skip_special_tokens=True)
@@ -385,13 +414,13 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
     t0 = time.perf_counter()
     rng, k_roll, k_update = jax.random.split(rng, 3)
     rows = np_rng.choice(len(prompts), c.ppo.batch_size, replace=False)
-    tokens, mask, resp_mask, ended = rollout(policy.module, policy_vars(pol_state),
-                                             prompt_tokens[rows], prompt_mask[rows], k_roll,
-                                             scfg, eos, pad)
+    tokens, mask, resp_mask, ended, sampler_logp = rollout(
+        policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], k_roll,
+        scfg, eos, pad)
     t_gen = _ready(tokens, t0)
     logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                               reward_affine, value_vars(), tokens, mask,
-                                              resp_mask, ended)
+                                              resp_mask, ended, sampler_logp)
     t_score = _ready(scores, t0 + t_gen)
     batch = Rollout(tokens, mask, resp_mask, ended, logp, ref_logp, values, scores)
     adv, returns, reward_stats, metrics = advantages_fn(batch, kl_state, reward_stats)
