@@ -2,19 +2,26 @@
 
 Each file in `configs/` has a `get_config()` that assembles these blocks and sets its task.
 Every key is documented here, next to its default, once. A user overrides any key on the
-command line (``--config.ppo.kl_coef=0.1``); ml_collections rejects unknown keys, and
-`validate` rejects inconsistent values with a message naming the key, before any compute.
+command line (``--config.ppo.kl_coef=0.1``); ml_collections rejects unknown keys on the command
+line, and `validate` rejects unknown keys (set in Python) and inconsistent values with a
+`ConfigError` naming the key, before any compute.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 
 import ml_collections as mlc
 
 from perl_jax import lora as lora_lib
+from perl_jax.models.config import FAMILIES
 
 TASKS = ("sft", "reward", "ppo")
+
+
+class ConfigError(ValueError):
+  """A config key no config has, or values that cannot work together; names the key."""
 
 
 def base(task: str) -> mlc.ConfigDict:
@@ -28,6 +35,7 @@ def base(task: str) -> mlc.ConfigDict:
   c.eval_every = 50  # steps between evaluations (held-out metrics, decoded samples)
   c.progress = True  # tqdm progress bar on the terminal
   c.optimizer = optimizer()
+  c.checkpoint = checkpoint()
   c.lora = lora()
   c.data = data()
   # Used only when no checkpoint is given (policy.init == ""): a random model of this shape.
@@ -57,7 +65,20 @@ def optimizer() -> mlc.ConfigDict:
   o.eps = 1e-6  # PPO-max: Adam epsilon 1e-6 (added outside the sqrt, as optax does)
   o.weight_decay = 0.0
   o.max_grad_norm = 1.0  # global gradient-norm clipping; 0 disables
+  # A step whose loss or gradient is not finite is skipped (params and optimizer state kept)
+  # and counted; this many skips in a row stop the run, naming the step and what was wrong.
+  o.max_consecutive_skips = 5
   return o
+
+
+def checkpoint() -> mlc.ConfigDict:
+  """Orbax checkpoints in WORKDIR/checkpoints; the same command resumes from the latest."""
+  k = mlc.ConfigDict()
+  k.every_steps = 50  # save every N steps (PPO: iterations); 0: only by time and at the end
+  k.every_minutes = 10.0  # ...and at least this often; 0 disables the time trigger
+  k.keep = 3  # the newest checkpoints kept
+  k.asynchronous = True  # write in the background while training continues
+  return k
 
 
 def lora() -> mlc.ConfigDict:
@@ -139,13 +160,21 @@ def ppo() -> mlc.ConfigDict:
 
 
 def validate(c: mlc.ConfigDict) -> None:
-  """Raises ValueError naming the key for values that cannot work together."""
+  """Raises `ConfigError` naming the key for an unknown key or values that cannot work together."""
 
   def fail(key: str, why: str):
-    raise ValueError(f"config.{key}: {why}")
+    raise ConfigError(f"config.{key}: {why}")
 
   if c.task not in TASKS:
     fail("task", f"{c.task!r} is not one of {TASKS}")
+  # A key no trainer reads is a typo, and a silently ignored setting (ConfigDicts accept new
+  # attributes unless locked, so one set in Python gets this far).
+  known = _keys({"sft": sft_config, "reward": reward_config, "ppo": ppo_config}[c.task]())
+  for key in _keys(c):
+    if key not in known and not any(key.startswith(k + ".") for k in known):
+      close = difflib.get_close_matches(key, known, n=1)
+      fail(key, f"unknown key for task {c.task!r}" + (f" (did you mean config.{close[0]}?)"
+                                                      if close else ""))
   if c.dtype not in ("float32", "bfloat16"):
     fail("dtype", f"{c.dtype!r} must be 'float32' or 'bfloat16'")
   for key in ("total_iterations", "log_every", "eval_every", "data.batch_size",
@@ -154,6 +183,8 @@ def validate(c: mlc.ConfigDict) -> None:
       fail(key, f"must be >= 1, got {_get(c, key)}")
   if c.data.truncate not in ("error", "left"):
     fail("data.truncate", f"{c.data.truncate!r} must be 'error' or 'left'")
+  if c.model.family not in FAMILIES:
+    fail("model.family", f"{c.model.family!r} is not one of {FAMILIES}")
   if c.lora.rank < 0:
     fail("lora.rank", "must be >= 0 (0 = full fine-tuning)")
   if c.lora.rank > 0:
@@ -167,6 +198,21 @@ def validate(c: mlc.ConfigDict) -> None:
     path = _get(c, key, "")
     if path and not os.path.exists(path):
       fail(key, f"path {path!r} does not exist")
+  if c.task in ("sft", "reward") and bool(c.data.train) != bool(c.data.eval):
+    missing = "data.eval" if c.data.train else "data.train"
+    fail(missing, "give both data.train and data.eval (or neither, for the built-in synthetic "
+         "task)")
+  if c.task == "reward":
+    if c.reward_model.loss not in ("auto", "pairwise", "pointwise"):
+      fail("reward_model.loss", f"{c.reward_model.loss!r} is not 'auto', 'pairwise' or "
+           "'pointwise'")
+    if c.data.train and not (c.policy.init or c.reward.init):
+      fail("policy.init", "a reward model on your own data needs a checkpoint to start from "
+           "(policy.init or reward.init); only the built-in synthetic task trains its own "
+           "policy first")
+    if c.reward_model.normalize and c.reward.init and not c.policy.init:
+      fail("reward_model.normalize", "needs config.policy.init: the reference policy whose "
+           "samples set the gain and bias")
   if c.task == "ppo":
     p, r = c.ppo, c.rollout
     if p.estimator not in ("gae", "reinforce", "rloo", "grpo"):
@@ -192,9 +238,23 @@ def validate(c: mlc.ConfigDict) -> None:
       fail("rollout.max_new_tokens", "must be >= 1")
     if p.dual_clip and p.dual_clip <= 1:
       fail("ppo.dual_clip", f"must be > 1 (or 0 to disable), got {p.dual_clip}")
+    if p.ptx_coef and not c.data.train:
+      fail("data.train", "ppo.ptx_coef > 0 needs SFT data ({\"prompt\", \"response\"} JSONL) "
+           "for its language-model loss")
     for key in ("epochs", "batch_size", "num_minibatches", "grad_accum"):
       if p[key] < 1:
         fail(f"ppo.{key}", "must be >= 1")
+
+
+def _keys(c: mlc.ConfigDict, prefix: str = "") -> list[str]:
+  """Every leaf key of `c`, dotted ("data.train", ...)."""
+  out = []
+  for key, value in c.items():
+    if isinstance(value, mlc.ConfigDict):
+      out += _keys(value, f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}")
+  return out
 
 
 def _get(c: mlc.ConfigDict, dotted: str, default=None):

@@ -248,11 +248,16 @@ class MetricsWriter:
     progress_keys: metric names shown in the bar's postfix (those present in a write); None
       shows the first three metrics of each write.
     print_samples: how many samples of each `write_samples` call are printed.
+    keep_below: None appends to existing metrics.jsonl / samples.jsonl; a step number first
+      drops their records at that step or later (and any torn last line of a killed process):
+      0 for a run starting afresh, the step a resumed run restarts from otherwise, so each step
+      appears once. TensorBoard files are never rewritten; each writer starts a new one.
   """
 
   def __init__(self, workdir: str | os.PathLike, total_steps: int | None = None, *,
                progress: bool = True, tensorboard: bool = True, is_main_process: bool = True,
-               progress_keys: Sequence[str] | None = None, print_samples: int = 2):
+               progress_keys: Sequence[str] | None = None, print_samples: int = 2,
+               keep_below: int | None = None):
     self.workdir = os.fspath(workdir)
     self.total_steps = total_steps
     self.is_main_process = is_main_process
@@ -268,6 +273,9 @@ class MetricsWriter:
     if not is_main_process:
       return
     os.makedirs(self.workdir, exist_ok=True)
+    if keep_below is not None:
+      for path in (self.metrics_path, self.samples_path):
+        _drop_records_from(path, keep_below)
     self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
     if tensorboard:
       tb_dir = os.path.join(self.workdir, "tb")
@@ -360,6 +368,25 @@ class MetricsWriter:
     for f in (self._metrics_file, self._samples_file, self._event_file):
       if f is not None:
         f.close()
+
+
+def _drop_records_from(path: str, step: int) -> None:
+  """Rewrites JSON-lines `path` without records at `step` or later (atomically)."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # a line torn by a killed process
+        continue
+      if isinstance(record, dict) and record.get("step", step) < step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def _short(value: Any, limit: int = 1000) -> str:

@@ -30,15 +30,24 @@ _BYTE_ALPHABET = 256
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+class TokenizerError(ValueError):
+  """A tokenizer that cannot be used: unreadable, no pad token, or not fitting the model."""
+
+
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+  """No tokenizer where one was expected (also a FileNotFoundError, as it always was)."""
+
+
 def load_tokenizer(path: PathLike) -> Any:
   """A transformers tokenizer from a local directory (never downloads)."""
   import transformers
 
   path = Path(path)
   if not path.is_dir():
-    raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    raise TokenizerNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
   if not any((path / name).exists() for name in _TOKENIZER_FILES):
-    raise FileNotFoundError(f"no tokenizer in {str(path)!r}: none of {', '.join(_TOKENIZER_FILES)}")
+    raise TokenizerNotFoundError(f"no tokenizer in {str(path)!r}: none of "
+                                 f"{', '.join(_TOKENIZER_FILES)}")
   try:
     if (path / "tokenizer.json").exists():
       # Same tokenizer as AutoTokenizer gives for a fast tokenizer, without AutoTokenizer's
@@ -47,7 +56,7 @@ def load_tokenizer(path: PathLike) -> Any:
                                                                   local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
   except (OSError, ValueError) as e:
-    raise ValueError(f"could not load a tokenizer from {str(path)!r}: {e}") from e
+    raise TokenizerError(f"could not load a tokenizer from {str(path)!r}: {e}") from e
 
 
 def eos_ids(tokenizer: Any, model_cfg: Any = None) -> tuple[int, ...]:
@@ -58,25 +67,30 @@ def eos_ids(tokenizer: Any, model_cfg: Any = None) -> tuple[int, ...]:
   return tuple(dict.fromkeys(ids))  # ordered, unique
 
 
-def check_vocab(tokenizer: Any, model_cfg: Any) -> None:
-  """Raises if some token id of `tokenizer` is out of range for the model's embedding table.
+def check_vocab(tokenizer: Any, model_cfg: Any, model_name: str | None = None) -> None:
+  """Raises `TokenizerError` if some token id of `tokenizer` is out of range for the model's
+  embedding table (`model_name`, a path, names the model in the message).
 
   A model's table may be larger than the tokenizer (padded vocabularies), never smaller.
   """
   n = len(tokenizer)  # base vocabulary plus added tokens
   if n > model_cfg.vocab_size:
-    raise ValueError(f"the tokenizer has {n} tokens (ids up to {n - 1}) but the model's "
-                     f"vocab_size is {model_cfg.vocab_size}: they do not belong together")
+    source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    model = f"model {model_name}" if model_name else "the model"
+    raise TokenizerError(f"tokenizer {source} has {n} tokens (ids up to {n - 1}) but {model}'s "
+                         f"vocab_size is {model_cfg.vocab_size}: they do not belong together")
 
 
 def _pad_id(tokenizer: Any, pad_id: int | None) -> int:
   pad = tokenizer.pad_token_id if pad_id is None else pad_id
+  source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
   if pad is None:
-    raise ValueError("the tokenizer has no pad token; add one (e.g. "
-                     "tokenizer.add_special_tokens({'pad_token': '<pad>'})) or pass pad_id")
+    raise TokenizerError(f"tokenizer {source} has no pad token; add one (e.g. "
+                         "tokenizer.add_special_tokens({'pad_token': '<pad>'})) or pass pad_id")
   if pad in eos_ids(tokenizer):
-    raise ValueError(f"the pad id {pad} equals the EOS id: padding with EOS hides the real EOS "
-                     "and teaches models never to stop; use a distinct pad token")
+    raise TokenizerError(f"tokenizer {source}: the pad id {pad} equals the EOS id: padding with "
+                         "EOS hides the real EOS and teaches models never to stop; use a "
+                         "distinct pad token")
   return int(pad)
 
 

@@ -95,3 +95,27 @@ def tiny_hf_model(kind: str, out_dir: Path, vocab_size: int = 128, seed: int = 0
   model.generation_config.pad_token_id = 0
   model.save_pretrained(out_dir)
   return model
+
+
+def ppo_prereqs(wd: Path) -> dict:
+  """A random tiny policy (HF dir + word-level tokenizer), an untrained-but-nonzero LoRA reward
+  model built on it, and the synthetic task's prompts, under `wd`."""
+  from perl_jax import config
+  from perl_jax.data import synthetic
+  from perl_jax.models import Transformer, init_params, save_hf_checkpoint
+  from perl_jax.tokenizers import load_tokenizer
+  from perl_jax.trainers import common
+
+  data = synthetic.prepare(wd / "data", seed=0, sizes=dict(prompts=64))
+  synthetic.build_tokenizer(wd / "policy")
+  c = config.ppo_config()
+  cfg = common.scratch_config(c, len(load_tokenizer(wd / "policy")),
+                              dict(pad_token_id=0, bos_token_id=1, eos_token_id=2), "float32")
+  save_hf_checkpoint(cfg, init_params(Transformer(cfg), jax.random.PRNGKey(0)), wd / "policy")
+  reward = common.load_model(str(wd / "policy"), head="scalar",
+                             lora=common.lora_from_config(c.lora), cache=common.BaseCache(),
+                             rng=jax.random.PRNGKey(1))
+  reward.trainable = jax.tree.map(lambda x: x + 0.05, reward.trainable)  # a non-trivial reward
+  common.save_model(wd / "reward", reward)
+  return dict(policy=str(wd / "policy"), reward=str(wd / "reward"), prompts=data["prompts"],
+              sft=data["sft_train"], wd=wd)

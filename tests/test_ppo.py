@@ -11,30 +11,16 @@ import pytest
 
 from perl_jax import config, rl
 from perl_jax.data import jsonl, synthetic
-from perl_jax.models import Transformer, init_params, save_hf_checkpoint
 from perl_jax.sampling import SamplingConfig
 from perl_jax.tokenizers import load_tokenizer
 from perl_jax.trainers import common, ppo
+from tests.helpers import ppo_prereqs
 
 
 @pytest.fixture(scope="module")
 def prereqs(tmp_path_factory):
   """A random tiny policy (HF dir + tokenizer), an untrained LoRA reward model, prompts."""
-  wd = tmp_path_factory.mktemp("ppo")
-  data = synthetic.prepare(wd / "data", seed=0, sizes=dict(prompts=64))
-  synthetic.build_tokenizer(wd / "policy")
-  c = config.ppo_config()
-  tok = load_tokenizer(wd / "policy")
-  cfg = common.scratch_config(c, len(tok), dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
-                              "float32")
-  save_hf_checkpoint(cfg, init_params(Transformer(cfg), jax.random.PRNGKey(0)), wd / "policy")
-  reward = common.load_model(str(wd / "policy"), head="scalar",
-                             lora=common.lora_from_config(c.lora), cache=common.BaseCache(),
-                             rng=jax.random.PRNGKey(1))
-  reward.trainable = jax.tree.map(lambda x: x + 0.05, reward.trainable)  # a non-trivial reward
-  common.save_model(wd / "reward", reward)
-  return dict(policy=str(wd / "policy"), reward=str(wd / "reward"), prompts=data["prompts"],
-              sft=data["sft_train"], wd=wd)
+  return ppo_prereqs(tmp_path_factory.mktemp("ppo"))
 
 
 def _config(prereqs, **ppo_overrides):

@@ -112,7 +112,7 @@ def test_sft_step_learns_and_never_touches_frozen(models, dropout):
   losses = []
   for i in range(8):
     trainable, opt_state, metrics = step(trainable, opt_state, model.frozen, batch,
-                                         jax.random.PRNGKey(i))
+                                         jax.random.PRNGKey(0), i)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 0.1, losses
   assert set(metrics) >= {"loss", "perplexity", "accuracy", "grad_norm"}
@@ -189,7 +189,7 @@ def test_reward_step_learns_pointwise_and_keeps_frozen(models):
   losses = []
   for i in range(10):
     trainable, opt_state, metrics = step(trainable, opt_state, model.frozen, batch,
-                                         jax.random.PRNGKey(i))
+                                         jax.random.PRNGKey(0), i)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 0.1, losses
   assert set(trainable) == {"lora", "params"} and set(trainable["params"]) == {"score"}

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from perl_jax.tokenizers import encode_prompts
+from perl_jax.tokenizers import TokenizerError, encode_prompts
 
 PathLike = str | os.PathLike
 
@@ -208,7 +208,16 @@ def _encode_prompt_rows(tokenizer: Any, records: Sequence[Record], max_prompt_le
     raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
   # Pad to the longest prompt first (one tokenizer pass), then cut or widen to P: with left
   # padding, the last P columns hold each prompt's last P tokens.
-  tokens_BxL, mask_BxL = encode_prompts(tokenizer, [r["prompt"] for r in records])
+  try:
+    tokens_BxL, mask_BxL = encode_prompts(tokenizer, [r["prompt"] for r in records])
+  except TokenizerError:
+    raise
+  except ValueError:
+    # encode_prompts names no row: find the prompt that encodes to nothing (error path only).
+    for r in records:
+      if not tokenizer(r["prompt"])["input_ids"]:
+        raise DataError(f"{r.where}: key 'prompt' encodes to no tokens") from None
+    raise
   lengths_B = mask_BxL.sum(axis=1)
   truncated_B = lengths_B > max_prompt_len
   if truncated_B.any() and truncate == "error":
@@ -230,7 +239,8 @@ def _encode_responses(tokenizer: Any, records: Sequence[Record], key: str,
   """Token ids of each record's `key` text (no special tokens) with EOS appended."""
   eos = tokenizer.eos_token_id
   if eos is None:
-    raise ValueError("the tokenizer has no EOS token: responses must end with one")
+    raise TokenizerError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')} has no EOS "
+                         "token: responses must end with one")
   if max_response_len < 1:
     raise ValueError(f"max_response_len must be >= 1, got {max_response_len}")
   encoded = [list(ids) for ids in

@@ -48,8 +48,8 @@ from perl_jax.models.transformer import Transformer, init_params
 Params = dict[str, Any]
 PathLike = str | os.PathLike
 
-__all__ = ["CheckpointError", "load_hf_checkpoint", "save_hf_checkpoint", "config_from_hf",
-           "SUPPORTED_ARCHITECTURES"]
+__all__ = ["CheckpointError", "load_hf_checkpoint", "save_hf_checkpoint", "check_hf_checkpoint",
+           "config_from_hf", "read_hf_config", "SUPPORTED_ARCHITECTURES"]
 
 # Hugging Face class -> (family, head). Family names equal the HF `model_type`.
 SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -484,7 +484,10 @@ def _open_checkpoint(path: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
   for name in files:
     if not (path / name).exists():
       raise CheckpointError(f"{_INDEX_FILE} lists shard {name!r}, which is not in {path}")
-    handle = stack.enter_context(safe_open(str(path / name), framework="numpy"))
+    try:
+      handle = stack.enter_context(safe_open(str(path / name), framework="numpy"))
+    except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
+      raise CheckpointError(f"{path / name} is not a readable safetensors file: {e}") from None
     for key in handle.keys():
       if key in where:
         raise CheckpointError(f"tensor {key!r} is stored in more than one shard")
@@ -494,6 +497,68 @@ def _open_checkpoint(path: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
     if absent:
       raise CheckpointError(f"{_INDEX_FILE} lists tensors its shards do not hold: {_names(absent)}")
   return where
+
+
+def read_hf_config(path: PathLike, dtype: str = "float32") -> ModelConfig:
+  """The ModelConfig of checkpoint directory `path`'s config.json (reads no weights)."""
+  config_file = Path(path) / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"{path} has no config.json")
+  try:
+    hf = json.loads(config_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    where = f"{config_file}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else config_file
+    raise CheckpointError(f"{where}: not valid JSON: {e}") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{config_file}: expected a JSON object")
+  try:
+    return config_from_hf(hf, dtype)
+  except CheckpointError as e:  # name the file: several checkpoints may be in play
+    raise CheckpointError(f"{config_file}: {e}") from None
+
+
+def _check_tensors(path: Path, cfg: ModelConfig, where: dict[str, Any]
+                   ) -> tuple[list[_Spec], bool]:
+  """(the tensor table, whether a tied lm_head copy is stored) after checking every stored
+  tensor's name, shape and dtype against `cfg`, from the safetensors headers alone."""
+  prefix = _prefix(cfg, set(where))
+  specs = _tensor_specs(cfg, prefix)
+  expected = {s.name: s.shape for s in specs}
+  tied_head = cfg.head == "lm" and cfg.tie_embeddings and "lm_head.weight" in where
+  if tied_head:  # allowed, but only as a copy of the embedding (checked when loading)
+    expected["lm_head.weight"] = (cfg.vocab_size, cfg.embed_dim)
+  ignored = _ignored(cfg, prefix)
+  problems = []
+  missing = [name for name in expected if name not in where]
+  unexpected = sorted(name for name in where if name not in expected and not ignored.match(name))
+  if missing:
+    problems.append(f"missing tensors {_names(missing)}")
+  if unexpected:
+    problems.append(f"unexpected tensors {_names(unexpected)}")
+  for name, shape in expected.items():
+    if name in where:
+      tensor = where[name].get_slice(name)
+      found = tuple(tensor.get_shape())
+      if found != shape:
+        problems.append(f"tensor {name} has shape {found}, expected {shape}")
+      if tensor.get_dtype() not in _FLOAT_DTYPES:
+        problems.append(f"tensor {name} has dtype {tensor.get_dtype()}, expected a float type")
+  if problems:
+    raise CheckpointError(f"checkpoint {path} does not fit {cfg.family} "
+                          f"({'scalar head' if cfg.head == 'scalar' else 'lm head'}) as its "
+                          "config.json describes it: " + "; ".join(problems))
+  return specs, tied_head
+
+
+def check_hf_checkpoint(path: PathLike, dtype: str = "float32") -> ModelConfig:
+  """The ModelConfig of checkpoint `path`, after checking config.json and every tensor's name,
+  shape and dtype against it. Reads only config.json and the safetensors headers (no tensor
+  data), so it is cheap for any model size; raises `CheckpointError` as `load_hf_checkpoint`."""
+  path = Path(path)
+  cfg = read_hf_config(path, dtype)
+  with contextlib.ExitStack() as stack:
+    _check_tensors(path, cfg, _open_checkpoint(path, stack))
+  return cfg
 
 
 def load_hf_checkpoint(path: PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
@@ -508,44 +573,14 @@ def load_hf_checkpoint(path: PathLike, dtype: str = "float32") -> tuple[ModelCon
   path = Path(path)
   if dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"dtype={dtype!r} must be 'float32', 'bfloat16' or 'float16'")
-  config_file = path / "config.json"
-  if not config_file.exists():
-    raise CheckpointError(f"{path} has no config.json")
-  cfg = config_from_hf(json.loads(config_file.read_text()), dtype)
+  cfg = read_hf_config(path, dtype)
   np_dtype = np.dtype(cfg.weight_dtype)
 
   with contextlib.ExitStack() as stack:
     where = _open_checkpoint(path, stack)
-    prefix = _prefix(cfg, set(where))
-    specs = _tensor_specs(cfg, prefix)
-    embed_name = specs[0].name
-    expected = {s.name: s.shape for s in specs}
-    tied_head = cfg.head == "lm" and cfg.tie_embeddings and "lm_head.weight" in where
-    if tied_head:  # allowed, but only as a copy of the embedding (checked below)
-      expected["lm_head.weight"] = (cfg.vocab_size, cfg.embed_dim)
-    ignored = _ignored(cfg, prefix)
-
     # Validate every name, shape and dtype before reading any data.
-    problems = []
-    missing = [name for name in expected if name not in where]
-    unexpected = sorted(name for name in where if name not in expected and not ignored.match(name))
-    if missing:
-      problems.append(f"missing tensors {_names(missing)}")
-    if unexpected:
-      problems.append(f"unexpected tensors {_names(unexpected)}")
-    for name, shape in expected.items():
-      if name in where:
-        tensor = where[name].get_slice(name)
-        found = tuple(tensor.get_shape())
-        if found != shape:
-          problems.append(f"tensor {name} has shape {found}, expected {shape}")
-        if tensor.get_dtype() not in _FLOAT_DTYPES:
-          problems.append(f"tensor {name} has dtype {tensor.get_dtype()}, expected a float type")
-    if problems:
-      raise CheckpointError(f"checkpoint {path} does not fit {cfg.family} "
-                            f"({'scalar head' if cfg.head == 'scalar' else 'lm head'}): "
-                            + "; ".join(problems))
-
+    specs, tied_head = _check_tensors(path, cfg, where)
+    embed_name = specs[0].name
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for spec in specs:
       arrays = spec.to_ours(where[spec.name].get_tensor(spec.name))

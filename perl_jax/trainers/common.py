@@ -17,13 +17,17 @@ safetensors, usually with a tokenizer) or a perl_jax model directory written by 
 gain/bias) and ``trainable.safetensors`` (only adapters and heads for LoRA; everything for full
 fine-tuning). Frozen bases are loaded once per path by `BaseCache`, so a policy, its
 reference, a value model and a reward model built on one checkpoint hold one copy (PERL).
+The base is recorded by path plus a cheap fingerprint (`base_fingerprint`), checked on every
+`peek` and load, so adapters are never silently restored onto a different or retrained base.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ import optax
 
 from perl_jax import lora as lora_lib
 from perl_jax.models import ModelConfig, Transformer, init_params, load_hf_checkpoint
+from perl_jax.models.hf import CheckpointError
 
 Params = Any
 META_FILE = "perl_jax_model.json"
@@ -126,38 +131,270 @@ class BaseCache:
 
 
 def peek(init: str) -> tuple[ModelConfig, str | None]:
-  """(architecture, tokenizer directory or None) of a model directory, reading no weights.
+  """(architecture, tokenizer directory or None) of a model directory, checked without
+  reading any weights.
 
-  Lets trainers check a tokenizer against the model before anything is loaded or compiled.
+  An HF checkpoint: config.json and every tensor's name, shape and dtype (safetensors headers,
+  `check_hf_checkpoint`). A perl_jax directory: its meta file, the names and shapes of its
+  trainable tensors, and its base checkpoint (it must exist, have the architecture the model
+  was trained on and, where recorded, the same `base_fingerprint`). Trainers call this before
+  anything is loaded or compiled; every problem is a `CheckpointError` naming the directory
+  and the file, key or tensor.
   """
-  from perl_jax.models.hf import config_from_hf
+  from perl_jax.models.hf import check_hf_checkpoint
 
   path = Path(init)
   if (path / META_FILE).exists():
-    meta = json.loads((path / META_FILE).read_text())
+    meta, cfg, lcfg = _read_meta(path)
     tokenizer_dir = meta.get("tokenizer_dir")
-    if tokenizer_dir is None and meta["base"] is not None:
-      tokenizer_dir = peek(meta["base"])[1]
-    return _cfg_from_json(meta["model_config"]), tokenizer_dir
+    if meta["base"] is not None:
+      base_tokenizer = _check_base(path, meta, cfg)
+      tokenizer_dir = tokenizer_dir or base_tokenizer
+    _check_trainable_header(path, cfg, lcfg, has_base=meta["base"] is not None)
+    return cfg, tokenizer_dir
   if (path / "config.json").exists():
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    cfg = check_hf_checkpoint(path)
     return cfg, str(path) if (path / "tokenizer_config.json").exists() else None
-  raise FileNotFoundError(f"{init!r} is neither a Hugging Face checkpoint (no config.json) nor "
-                          f"a perl_jax model directory (no {META_FILE})")
+  what = "does not exist" if not path.exists() else (
+      f"is neither a Hugging Face checkpoint (no config.json) nor a perl_jax model directory "
+      f"(no {META_FILE})")
+  raise CheckpointError(f"model directory {init!r} {what}")
 
 
 def checked_tokenizer(init: str, fallback_dir: str | None = None) -> Any:
   """The tokenizer stored with checkpoint `init` (else `fallback_dir`), checked to fit it."""
-  from perl_jax.tokenizers import check_vocab, load_tokenizer
+  from perl_jax.tokenizers import TokenizerNotFoundError, check_vocab, load_tokenizer
 
-  cfg, tokenizer_dir = peek(init)
+  # The vocabulary first, from the config alone: of all that can be wrong with a checkpoint,
+  # a tokenizer that does not belong to it is the likeliest and says the most.
+  cfg, tokenizer_dir = _config_and_tokenizer_dir(Path(init))
   tokenizer_dir = tokenizer_dir or fallback_dir
   if tokenizer_dir is None:
-    raise ValueError(f"{init!r} holds no tokenizer (tokenizer_config.json); save one next to "
-                     "the checkpoint")
+    raise TokenizerNotFoundError(f"{init!r} holds no tokenizer (tokenizer_config.json); save "
+                                 "one next to the checkpoint")
   tokenizer = load_tokenizer(tokenizer_dir)
-  check_vocab(tokenizer, cfg)
+  check_vocab(tokenizer, cfg, init)
+  peek(init)
   return tokenizer
+
+
+def _config_and_tokenizer_dir(path: Path) -> tuple[ModelConfig, str | None]:
+  """`peek` without its checks: the config file(s) only."""
+  from perl_jax.models.hf import read_hf_config
+
+  if (path / META_FILE).exists():
+    meta, cfg, _ = _read_meta(path)
+    tokenizer_dir = meta.get("tokenizer_dir")
+    if tokenizer_dir is None and meta["base"] is not None:
+      base = Path(meta["base"])
+      tokenizer_dir = str(base) if (base / "tokenizer_config.json").exists() else None
+    return cfg, tokenizer_dir
+  if (path / "config.json").exists():
+    cfg = read_hf_config(path)
+    return cfg, str(path) if (path / "tokenizer_config.json").exists() else None
+  return peek(str(path))  # raises, naming what is missing
+
+
+# --- Checks of model directories without reading weights ------------------------------------
+
+
+def _read_meta(path: Path) -> tuple[dict, ModelConfig, lora_lib.LoraConfig | None]:
+  """(meta, model config, LoRA config) of a perl_jax model directory's meta file."""
+  file = path / META_FILE
+  try:
+    meta = json.loads(file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{file}: not valid JSON: {e}") from None
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{file}: expected a JSON object")
+  for key in ("model_config", "lora", "base"):
+    if key not in meta:
+      raise CheckpointError(f"{file}: missing key {key!r}")
+  try:
+    cfg = _cfg_from_json(meta["model_config"])
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{file}: key 'model_config': {e}") from None
+  try:
+    lcfg = None if meta["lora"] is None else lora_lib.LoraConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
+  except (TypeError, ValueError, AttributeError) as e:
+    raise CheckpointError(f"{file}: key 'lora': {e}") from None
+  return meta, cfg, lcfg
+
+
+def _check_base(path: Path, meta: dict, cfg: ModelConfig) -> str | None:
+  """Checks that a perl_jax directory's base is the checkpoint it was trained on; returns the
+  base's tokenizer directory (or None)."""
+  from perl_jax.models.hf import check_hf_checkpoint
+
+  base = Path(meta["base"])
+  if not (base / "config.json").exists():
+    raise CheckpointError(f"{path}: its base checkpoint {str(base)!r} is gone (no config.json "
+                          "there); a perl_jax model directory holds only what was trained and "
+                          "reads the rest from that path")
+  base_cfg = check_hf_checkpoint(base)
+  ignore = ("head", "dtype", "param_dtype")  # a scalar model on a causal LM; load-time dtypes
+  differ = [f"{f.name}={getattr(cfg, f.name)!r} (base: {getattr(base_cfg, f.name)!r})"
+            for f in dataclasses.fields(ModelConfig)
+            if f.name not in ignore and getattr(cfg, f.name) != getattr(base_cfg, f.name)]
+  if differ:
+    raise CheckpointError(f"{path} was trained on a different architecture than its base "
+                          f"checkpoint {str(base)!r} now has: " + ", ".join(differ))
+  _check_base_fingerprint(path, base, meta.get("base_fingerprint"))
+  return str(base) if (base / "tokenizer_config.json").exists() else None
+
+
+def _read_safetensors_header(file: Path) -> tuple[dict[str, dict], int]:
+  """({tensor name: {dtype, shape, data_offsets}}, byte offset of the data) of a safetensors
+  file, read from its header only; a truncated file is an error naming it."""
+  try:
+    with open(file, "rb") as f:
+      size = int.from_bytes(f.read(8), "little")
+      if not 0 < size <= 100 * 2**20:  # real headers are KBs to a few MB
+        raise ValueError(f"header length {size} is not plausible")
+      header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    start, file_size = 8 + size, file.stat().st_size
+    for name, info in header.items():
+      begin, end = info["data_offsets"]
+      if not 0 <= begin <= end <= file_size - start:
+        raise ValueError(f"tensor {name} lies beyond the end of the file (truncated?)")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+  return header, start
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_trainable(cfg: ModelConfig,
+                        lcfg: lora_lib.LoraConfig | None) -> dict[str, tuple[int, ...]]:
+  """{'params/...' and 'lora/...': shape} of every tensor a model of `cfg` can train, from
+  abstract evaluation (traced, never compiled or computed)."""
+  # The keys are made inside eval_shape: even an eager PRNGKey compiles a (tiny) program.
+  params = jax.eval_shape(lambda: init_params(Transformer(cfg), jax.random.PRNGKey(0)))
+  out = {f"params/{k}": tuple(v.shape) for k, v in flatten(params).items()}
+  if lcfg is not None:
+    module = Transformer(cfg, lora=lcfg)
+    adapters = jax.eval_shape(
+        lambda p: lora_lib.init_adapters(module, p, jax.random.PRNGKey(0)), params)
+    out.update({f"lora/{k}": tuple(v.shape) for k, v in flatten(adapters).items()})
+  return out
+
+
+def _check_trainable_header(path: Path, cfg: ModelConfig, lcfg: lora_lib.LoraConfig | None,
+                            has_base: bool) -> None:
+  """The trainable tensors of a perl_jax directory fit the model its meta file describes."""
+  from perl_jax.models.hf import _names
+
+  file = path / TRAINABLE_FILE
+  if not file.exists():
+    raise CheckpointError(f"{path} has {META_FILE} but no {TRAINABLE_FILE}")
+  stored = {k: tuple(v["shape"]) for k, v in _read_safetensors_header(file)[0].items()}
+  try:
+    expected = _expected_trainable(cfg, lcfg)
+  except ValueError as e:  # e.g. LoRA targets that match no kernel of this architecture
+    raise CheckpointError(f"{path / META_FILE}: {e}") from None
+  # LoRA: every adapter (the base supplies the frozen params); no base: every param.
+  required = {k for k in expected if k.startswith("lora/")}
+  if not has_base:
+    required |= {k for k in expected if k.startswith("params/")}
+  problems = []
+  missing = sorted(required - set(stored))
+  unexpected = sorted(set(stored) - set(expected))
+  if missing:
+    problems.append(f"missing tensors {_names(missing)}")
+  if unexpected:
+    problems.append(f"unexpected tensors {_names(unexpected)}")
+  problems += [f"tensor {k} has shape {stored[k]}, expected {expected[k]}"
+               for k in sorted(set(stored) & set(expected)) if stored[k] != expected[k]]
+  if problems:
+    desc = f"{cfg.family}, {cfg.num_layers} layers, embed_dim {cfg.embed_dim}" + (
+        f", LoRA rank {lcfg.rank}" if lcfg else "")
+    raise CheckpointError(f"{file} does not fit the model {META_FILE} describes ({desc}): "
+                          + "; ".join(problems))
+
+
+# --- Base fingerprints ----------------------------------------------------------------------
+
+FINGERPRINT_SAMPLE_BYTES = 256  # leading bytes of every tensor hashed into the fingerprint
+
+
+def _base_weight_files(base: Path) -> list[Path]:
+  """The safetensors files the loader reads: model.safetensors, else the index's shards."""
+  if (base / "model.safetensors").exists():
+    return [base / "model.safetensors"]
+  index = base / "model.safetensors.index.json"
+  if not index.exists():
+    raise CheckpointError(f"{base} has neither model.safetensors nor {index.name}")
+  try:
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{index}: not a safetensors index: {e}") from None
+  return [base / name for name in shards]
+
+
+def base_fingerprint(base: str | os.PathLike) -> dict[str, Any]:
+  """A cheap identity of the HF checkpoint directory `base`, recorded by `save_model` and
+  checked whenever the model directory is peeked at or loaded.
+
+  Hashing every byte of a multi-GB base would add seconds to minutes to each load, so this
+  reads only config.json, the safetensors headers and the first FINGERPRINT_SAMPLE_BYTES of
+  each tensor (a few hundred small reads for a 7B model: milliseconds):
+
+  * ``config_sha256``: config.json, i.e. the architecture and its settings;
+  * ``tensors_sha256``, ``num_tensors``, ``tensor_bytes``: every tensor's name, dtype and shape,
+    and their total size (independent of file layout, so re-sharding keeps them);
+  * ``sample_sha256``: the sampled bytes of every tensor, in name order. Retraining changes them
+    for every matrix it touched (a merged LoRA update is dense), so a retrained base with the
+    same shapes is caught too. Weights that differ only past each tensor's first bytes would
+    not be; training never produces that.
+  """
+  base = Path(base)
+  try:
+    config_sha = hashlib.sha256((base / "config.json").read_bytes()).hexdigest()
+  except OSError as e:
+    raise CheckpointError(f"{base}: cannot read config.json: {e}") from None
+  table: dict[str, tuple[str, list[int]]] = {}
+  samples: dict[str, bytes] = {}
+  total = 0
+  for file in _base_weight_files(base):
+    header, start = _read_safetensors_header(file)
+    with open(file, "rb") as f:
+      for name in sorted(header):
+        info = header[name]
+        begin, end = info["data_offsets"]
+        table[name] = (info["dtype"], list(info["shape"]))
+        total += end - begin
+        f.seek(start + begin)
+        samples[name] = f.read(min(FINGERPRINT_SAMPLE_BYTES, end - begin))
+  sample_hash = hashlib.sha256()
+  for name in sorted(samples):
+    sample_hash.update(name.encode() + b"\0" + samples[name])
+  return {"config_sha256": config_sha,
+          "tensors_sha256": hashlib.sha256(json.dumps(sorted(table.items())).encode()).hexdigest(),
+          "num_tensors": len(table), "tensor_bytes": total,
+          "sample_sha256": sample_hash.hexdigest(), "sample_bytes": FINGERPRINT_SAMPLE_BYTES}
+
+
+def _check_base_fingerprint(path: Path, base: Path, recorded: dict | None) -> None:
+  """Raises naming what changed if `base` is not the checkpoint `path` was trained on."""
+  if not recorded:
+    return  # written before fingerprints were recorded: the path and architecture are all we have
+  now = base_fingerprint(base)
+  differ = []
+  if now["config_sha256"] != recorded.get("config_sha256"):
+    differ.append("its config.json differs")
+  if now["tensors_sha256"] != recorded.get("tensors_sha256"):
+    differ.append(f"its tensors differ in names, dtypes or shapes ({recorded.get('num_tensors')} "
+                  f"tensors, {recorded.get('tensor_bytes')} bytes at training time; "
+                  f"{now['num_tensors']} tensors, {now['tensor_bytes']} bytes now)")
+  elif (recorded.get("sample_bytes") == now["sample_bytes"]
+        and now["sample_sha256"] != recorded.get("sample_sha256")):
+    differ.append("its tensors have the same names and shapes but different values (the base "
+                  "was retrained or replaced)")
+  if differ:
+    raise CheckpointError(f"{path} was trained on base checkpoint {str(base)!r}, which has "
+                          f"changed since: {'; '.join(differ)}. Adapters and heads only fit the "
+                          f"exact base they were trained on: restore it, or retrain {path}")
 
 
 def fresh_head(cfg: ModelConfig, rng: jax.Array) -> Params:
@@ -233,6 +470,8 @@ def save_model(out_dir: str | os.PathLike, model: Model, trainable: Params | Non
   meta = dict(format=1, model_config=_cfg_to_json(model.cfg),
               lora=None if model.lora is None else dataclasses.asdict(model.lora),
               base=None if model.base is None else os.path.abspath(model.base),
+              # checked at load time (older meta files without it still load)
+              base_fingerprint=None if model.base is None else base_fingerprint(model.base),
               tokenizer_dir=None if model.tokenizer_dir is None else
               os.path.abspath(model.tokenizer_dir),
               reward_gain=model.reward_gain, reward_bias=model.reward_bias)
@@ -245,10 +484,9 @@ def save_model(out_dir: str | os.PathLike, model: Model, trainable: Params | Non
 def _load_perl_jax_dir(path: Path, head: str, cache: BaseCache, rng: jax.Array) -> Model:
   from safetensors.numpy import load_file
 
-  meta = json.loads((path / META_FILE).read_text())
-  cfg = _cfg_from_json(meta["model_config"]).replace(dtype=cache.dtype, param_dtype=cache.dtype)
-  lcfg = None if meta["lora"] is None else lora_lib.LoraConfig(
-      **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
+  peek(str(path))  # meta, tensor shapes, base architecture and fingerprint: before any weights
+  meta, cfg, lcfg = _read_meta(path)
+  cfg = cfg.replace(dtype=cache.dtype, param_dtype=cache.dtype)
   trainable = jax.tree.map(lambda x: jnp.asarray(x, cfg.weight_dtype),
                            unflatten(load_file(str(path / TRAINABLE_FILE))))
   frozen: Params = {"params": {}}
@@ -256,14 +494,15 @@ def _load_perl_jax_dir(path: Path, head: str, cache: BaseCache, rng: jax.Array) 
     base_cfg, base_params = cache.get(meta["base"])
     if base_cfg.replace(head=cfg.head) != cfg.replace(dtype=base_cfg.dtype,
                                                       param_dtype=base_cfg.param_dtype):
-      raise ValueError(f"{path}: its base checkpoint {meta['base']!r} no longer matches the "
-                       "architecture it was trained on")
+      raise CheckpointError(f"{path}: its base checkpoint {meta['base']!r} no longer matches "
+                            "the architecture it was trained on")
     frozen = {"params": base_params}
   if head == "scalar" and cfg.head == "lm":
     cfg = cfg.replace(head="scalar")
     trainable = merge(trainable, {"params": fresh_head(cfg, rng)})
   elif head != cfg.head:
-    raise ValueError(f"{path} holds a {cfg.head!r}-head model; a {head!r} head is needed here")
+    raise CheckpointError(f"{path} holds a {cfg.head!r}-head model; a {head!r} head is needed "
+                          "here")
   if frozen["params"]:
     frozen = {"params": _split_head(frozen["params"], cfg)[1]}
   model = Model(Transformer(cfg, lora=lcfg), frozen, trainable, meta["base"],
@@ -328,22 +567,88 @@ def make_optimizer(c: Any, lr: float | None = None) -> optax.GradientTransformat
 
 
 def make_train_step(loss_fn: Any, optimizer: optax.GradientTransformation) -> Any:
-  """The jitted pure step ``(trainable, opt_state, frozen, batch, rng) -> (trainable,
+  """The jitted pure step ``(trainable, opt_state, frozen, batch, rng, step) -> (trainable,
   opt_state, metrics)`` for ``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)``.
 
-  Metrics gain ``loss`` and ``grad_norm`` (before clipping). `trainable` and `opt_state` are
-  donated (updated in place): do not reuse the arrays passed in.
+  The step's randomness is ``fold_in(rng, step)``, so a resumed run draws what the
+  uninterrupted one would have. Metrics gain ``loss``, ``grad_norm`` (before clipping) and
+  `nonfinite_flags`: a step whose loss or gradient is not finite changes nothing (see
+  `SkipCounter`). `trainable` and `opt_state` are donated: do not reuse the arrays passed in.
   """
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(trainable: Params, opt_state: Any, frozen: Params, batch: Any, rng: jax.Array):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch,
-                                                                       rng)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+  def step(trainable: Params, opt_state: Any, frozen: Params, batch: Any, rng: jax.Array,
+           step: jax.Array):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, frozen, batch, jax.random.fold_in(rng, step))
+    updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+    flags = nonfinite_flags(loss, grads)
+    ok = flags["nonfinite/any"] == 0
+    trainable = keep_unless(ok, optax.apply_updates(trainable, updates), trainable)
+    opt_state = keep_unless(ok, new_opt_state, opt_state)
+    return trainable, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
+                                  **flags}
 
   return step
+
+
+def nonfinite_flags(loss: jax.Array, grads: Params) -> dict[str, jax.Array]:
+  """{'nonfinite/loss', 'nonfinite/grad', 'nonfinite/any'}: 1.0 where not finite, else 0.0."""
+  bad_loss = ~jnp.all(jnp.isfinite(loss))
+  bad_grad = ~jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  f = lambda x: x.astype(jnp.float32)
+  return {"nonfinite/loss": f(bad_loss), "nonfinite/grad": f(bad_grad),
+          "nonfinite/any": f(bad_loss | bad_grad)}
+
+
+def keep_unless(ok: jax.Array, new: Params, old: Params) -> Params:
+  """`new` where `ok`, else `old` (leaf by leaf; a skipped step leaves no trace)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+class NonFiniteTrainingError(FloatingPointError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class SkipCounter:
+  """Counts skipped (non-finite) steps on the host; stops the run after `limit` in a row.
+
+  `update(step, metrics)` takes a step's metrics (as returned by a step function), returns
+  them without the per-step flags (and without non-finite values, so they can be logged),
+  plus ``train/skipped_steps`` (the total so far).
+  """
+
+  def __init__(self, limit: int, total: int = 0):
+    self.limit, self.total, self.in_a_row = limit, total, 0
+
+  def update(self, step: int, metrics: dict) -> dict:
+    """Flags may be scalars or [M] arrays (M optimizer steps in order, e.g. PPO minibatches)."""
+    metrics = dict(metrics)
+    flags = {k: np.atleast_1d(np.asarray(metrics.pop(k), np.float32))
+             for k in list(metrics) if k.startswith("nonfinite/")}
+    n = max((f.size for f in flags.values()), default=0)
+    flags = {k: np.broadcast_to(f, (n,)) for k, f in flags.items()}
+    skipped = False
+    for i, bad in enumerate(flags.get("nonfinite/any", ())):
+      if not bad:
+        self.in_a_row = 0
+        continue
+      skipped = True
+      self.total += 1
+      self.in_a_row += 1
+      what = " and ".join(k.split("/")[1] for k in ("nonfinite/loss", "nonfinite/grad")
+                          if k in flags and flags[k][i])
+      logging.warning("step %d: non-finite %s; update skipped (%d in a row)", step, what,
+                      self.in_a_row)
+      if self.in_a_row >= self.limit:
+        raise NonFiniteTrainingError(
+            f"step {step}: non-finite {what} for {self.in_a_row} updates in a row "
+            f"(optimizer.max_consecutive_skips={self.limit}); stopping. The last checkpoint "
+            "holds the last good state")
+    if skipped:  # the skipped updates' NaN losses are not worth a line; the count is
+      metrics = {k: v for k, v in metrics.items() if np.all(np.isfinite(np.asarray(v)))}
+    metrics["train/skipped_steps"] = self.total
+    return metrics
 
 
 def count(tree: Params) -> int:

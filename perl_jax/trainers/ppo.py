@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from perl_jax import checkpoint, rl
 from perl_jax import lora as lora_lib
-from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
 from perl_jax.trainers import common
 from perl_jax.trainers.reward import last_token
@@ -192,7 +192,12 @@ def advantages(c, batch: Rollout, kl_coef, reward_stats: rl.RunningMeanStd):
 
 
 def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
-  """Jitted: one epoch of minibatch updates over a rollout -> (states, mean metrics)."""
+  """Jitted: one epoch of minibatch updates over a rollout -> (states, metrics).
+
+  Metrics are means over the applied minibatches, plus per-minibatch ``nonfinite/*`` flags
+  ([num_minibatches]) for `common.SkipCounter`: a minibatch with a non-finite loss or gradient
+  changes neither model.
+  """
   p = c.ppo
   temperature = c.rollout.temperature
   dropout = policy.lora is not None and policy.lora.dropout > 0
@@ -249,16 +254,22 @@ def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
     (g_pol, g_val, met), _ = jax.lax.scan(accumulate, init, (micro, keys))
     scale = lambda t: jax.tree.map(lambda x: x / p.grad_accum, t)
     g_pol, met = scale(g_pol), scale(met)
+    g_val = scale(g_val) if val else None
+    # A non-finite loss or gradient skips this minibatch for both models (common.SkipCounter).
+    losses_ = jnp.stack([v for k, v in met.items() if k.startswith("loss/")])
+    flags = common.nonfinite_flags(losses_, (g_pol, g_val) if val else g_pol)
+    ok = flags["nonfinite/any"] == 0
     met["policy/grad_norm"] = optax.tree_utils.tree_norm(g_pol)
     if train_policy:
       updates, opt = policy_opt.update(g_pol, pol.opt_state, pol.trainable)
-      pol = TrainState(optax.apply_updates(pol.trainable, updates), opt)
+      pol = common.keep_unless(ok, TrainState(optax.apply_updates(pol.trainable, updates), opt),
+                               pol)
     if val:
-      g_val = scale(g_val)
       met["val/grad_norm"] = optax.tree_utils.tree_norm(g_val)
       updates, opt = value_opt.update(g_val, val.opt_state, val.trainable)
-      val = TrainState(optax.apply_updates(val.trainable, updates), opt)
-    return (pol, val), met
+      val = common.keep_unless(ok, TrainState(optax.apply_updates(val.trainable, updates), opt),
+                               val)
+    return (pol, val), (met, flags)
 
   @functools.partial(jax.jit, static_argnames=("train_policy",), donate_argnums=(0, 1))
   def update(pol_state, val_state, frozen, data, rng, train_policy: bool = True):
@@ -269,8 +280,13 @@ def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
         lambda x: x[perm].reshape((p.num_minibatches, -1) + x.shape[1:]), data)
     keys = jax.random.split(step_rng, p.num_minibatches)
     step = functools.partial(minibatch_step, frozen=frozen, train_policy=train_policy)
-    (pol_state, val_state), metrics = jax.lax.scan(step, (pol_state, val_state), (mbs, keys))
-    return pol_state, val_state, jax.tree.map(jnp.mean, metrics)
+    (pol_state, val_state), (metrics, flags_M) = jax.lax.scan(step, (pol_state, val_state),
+                                                              (mbs, keys))
+    # Means over the minibatches that were applied; the per-minibatch flags go to the host.
+    ok_M = flags_M["nonfinite/any"] == 0
+    mean = lambda x_M: jnp.where(ok_M.any(), jnp.where(ok_M, x_M, 0.0).sum()
+                                 / jnp.maximum(ok_M.sum(), 1), jnp.nan)
+    return pol_state, val_state, {**jax.tree.map(mean, metrics), **flags_M}
 
   return update
 
@@ -397,47 +413,77 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
                               for r, t, s in zip(rows[:4], texts, np.asarray(scores))])
     return out
 
-  writer = MetricsWriter(workdir, c.total_iterations, progress=c.progress,
+  # --- Resume: the latest checkpoint in WORKDIR/checkpoints, if any -----------------------
+  def state_tree() -> dict:
+    tree = {"policy": pol_state, "rng": rng, "kl": kl_state, "reward_stats": reward_stats}
+    return tree if val_state is None else {**tree, "value": val_state}
+
+  ckpt = checkpoint.Checkpointer(workdir, c, bases={
+      "policy": policy.base, "reward": models.reward.base,
+      "value": None if value is None else value.base})
+  skips = common.SkipCounter(c.optimizer.max_consecutive_skips)
+  evals, episode, start = [], 0, 0
+  restored = ckpt.restore(state_tree())
+  if restored is not None:
+    state, meta = restored
+    pol_state, val_state = state["policy"], state.get("value")
+    rng, kl_state, reward_stats = state["rng"], state["kl"], state["reward_stats"]
+    checkpoint.set_numpy_rng_state(np_rng, meta["numpy_rng"])  # the prompt order
+    start, episode, skips.total = meta["step"], meta["episode"], meta["skipped_steps"]
+    evals = [(it, e) for it, e in meta["evals"]]
+  # Iteration `it` logs at step `it`: a resumed run drops what iterations >= start had written.
+  writer = MetricsWriter(workdir, c.total_iterations, progress=c.progress, keep_below=start,
                          progress_keys=("objective/scores", "objective/kl", "eval/gold_reward"))
-  n_train = common.count(pol_state.trainable)
-  writer.write(0, {"params/policy_trainable": n_train, "params/prompts_truncated": n_cut,
-                   "params/policy_trainable_fraction": n_train / (
-                       n_train + common.count(policy.frozen))})
+  if not start:
+    n_train = common.count(pol_state.trainable)
+    writer.write(0, {"params/policy_trainable": n_train, "params/prompts_truncated": n_cut,
+                     "params/policy_trainable_fraction": n_train / (
+                         n_train + common.count(policy.frozen))})
 
   # --- Loop: rollout, scoring, advantages, update -----------------------------------------
-  evals, episode = [], 0
-  for it in range(c.total_iterations):
-    if it % c.eval_every == 0:
-      rng, key = jax.random.split(rng)
-      evals.append((it, evaluate(it, key)))
-      writer.write(it, evals[-1][1])
-    t0 = time.perf_counter()
-    rng, k_roll, k_update = jax.random.split(rng, 3)
-    rows = np_rng.choice(len(prompts), c.ppo.batch_size, replace=False)
-    tokens, mask, resp_mask, ended, sampler_logp = rollout(
-        policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], k_roll,
-        scfg, eos, pad)
-    t_gen = _ready(tokens, t0)
-    logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
-                                              reward_affine, value_vars(), tokens, mask,
-                                              resp_mask, ended, sampler_logp)
-    t_score = _ready(scores, t0 + t_gen)
-    batch = Rollout(tokens, mask, resp_mask, ended, logp, ref_logp, values, scores)
-    adv, returns, reward_stats, metrics = advantages_fn(batch, kl_state, reward_stats)
-    data = {**rollout_arrays(batch, adv, returns), **ptx_batch(ptx_data, tokens.shape[0], np_rng)}
-    for epoch in range(c.ppo.epochs):
-      pol_state, val_state, update_metrics = update_fn(
-          pol_state, val_state, frozen, data, jax.random.fold_in(k_update, epoch),
-          train_policy=it >= c.ppo.critic_warmup_iters)
-    kl_state = kl_ctl.update(kl_state, metrics["objective/kl"], tokens.shape[0])
-    t_train = _ready(update_metrics, t0 + t_gen + t_score)
-    episode += tokens.shape[0]
-    iter_s = t_gen + t_score + t_train
-    if it % c.log_every == 0 or it == c.total_iterations - 1:
-      writer.write(it, {**metrics, **update_metrics, "lr": c.optimizer.lr, "episode": episode,
-                        "perf/iter_s": iter_s, "perf/generate_s": t_gen,
-                        "perf/score_s": t_score, "perf/train_s": t_train,
-                        "perf/tokens_per_s": float(resp_mask.sum()) / iter_s})
+  with checkpoint.PreemptionGuard() as guard, ckpt:
+    for it in range(start, c.total_iterations):
+      if it % c.eval_every == 0:
+        rng, key = jax.random.split(rng)
+        evals.append((it, evaluate(it, key)))
+        writer.write(it, evals[-1][1])
+      t0 = time.perf_counter()
+      rng, k_roll, k_update = jax.random.split(rng, 3)
+      rows = np_rng.choice(len(prompts), c.ppo.batch_size, replace=False)
+      tokens, mask, resp_mask, ended, sampler_logp = rollout(
+          policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], k_roll,
+          scfg, eos, pad)
+      t_gen = _ready(tokens, t0)
+      logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
+                                                reward_affine, value_vars(), tokens, mask,
+                                                resp_mask, ended, sampler_logp)
+      t_score = _ready(scores, t0 + t_gen)
+      batch = Rollout(tokens, mask, resp_mask, ended, logp, ref_logp, values, scores)
+      adv, returns, reward_stats, metrics = advantages_fn(batch, kl_state, reward_stats)
+      data = {**rollout_arrays(batch, adv, returns),
+              **ptx_batch(ptx_data, tokens.shape[0], np_rng)}
+      for epoch in range(c.ppo.epochs):
+        pol_state, val_state, update_metrics = update_fn(
+            pol_state, val_state, frozen, data, jax.random.fold_in(k_update, epoch),
+            train_policy=it >= c.ppo.critic_warmup_iters)
+        update_metrics = skips.update(it, update_metrics)  # the host waits for the update here
+      kl_state = kl_ctl.update(kl_state, metrics["objective/kl"], tokens.shape[0])
+      t_train = _ready(kl_state, t0 + t_gen + t_score)
+      episode += tokens.shape[0]
+      iter_s = t_gen + t_score + t_train
+      if it % c.log_every == 0 or it == c.total_iterations - 1:
+        writer.write(it, {**metrics, **update_metrics, "lr": c.optimizer.lr, "episode": episode,
+                          "perf/iter_s": iter_s, "perf/generate_s": t_gen,
+                          "perf/score_s": t_score, "perf/train_s": t_train,
+                          "perf/tokens_per_s": float(resp_mask.sum()) / iter_s})
+      done = it + 1
+      if ckpt.due(done) or done == c.total_iterations or guard.requested:
+        ckpt.save(done, state_tree(), {"numpy_rng": checkpoint.numpy_rng_state(np_rng),
+                                       "episode": episode, "skipped_steps": skips.total,
+                                       "evals": evals})
+      if guard.requested:
+        writer.close()
+        raise checkpoint.Preempted(done, ckpt.directory)
   rng, key = jax.random.split(rng)
   evals.append((c.total_iterations, evaluate(c.total_iterations, key)))
   writer.write(c.total_iterations, evals[-1][1])

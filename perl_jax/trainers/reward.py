@@ -39,8 +39,8 @@ from absl import logging
 
 from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample
-from perl_jax.trainers import common
-from perl_jax.trainers.sft import dropout_rngs, lr_at, padded_batches
+from perl_jax.trainers import common, loop
+from perl_jax.trainers.sft import dropout_rngs, padded_batches
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -111,9 +111,9 @@ def make_loss_fn(module: Any, kind: str, margin: float = 0.0,
 
 def make_train_step(module: Any, optimizer: optax.GradientTransformation, kind: str,
                     margin: float = 0.0, center_coef: float = 0.0) -> Callable:
-  """The jitted pure step ``(trainable, opt_state, frozen, batch, rng) -> (trainable,
+  """The jitted pure step ``(trainable, opt_state, frozen, batch, rng, step) -> (trainable,
   opt_state, metrics)``; metrics: loss, accuracy, (pairwise) margin and bt, score mean/std,
-  grad_norm. `trainable` and `opt_state` are donated: do not reuse the arrays passed in."""
+  grad_norm and the non-finite flags of `common.make_train_step`. `trainable` and `opt_state` are donated: do not reuse the arrays passed in."""
   return common.make_train_step(make_loss_fn(module, kind, margin, center_coef), optimizer)
 
 
@@ -248,7 +248,6 @@ def train(c: Any, workdir: str) -> dict:
   'seconds', ...}`` plus the normalisation check (``norm/mean``, ``norm/std``).
   """
   from perl_jax.data import jsonl
-  from perl_jax.metrics import MetricsWriter
   from perl_jax.tokenizers import eos_ids
 
   t_start = time.perf_counter()
@@ -295,35 +294,20 @@ def train(c: Any, workdir: str) -> dict:
                             c.reward_model.center_coef)
   scores = score_fn(model.module)
 
-  writer = MetricsWriter(workdir, c.total_iterations, progress=c.progress,
-                         progress_keys=("loss", "accuracy", "eval/accuracy"))
   n_train, n_frozen = common.count(trainable), common.count(frozen)
   fraction = n_train / (n_train + n_frozen)
   logging.info("reward (%s): %d trainable parameters (%.4f%% of %d)", kind, n_train,
                100 * fraction, n_train + n_frozen)
-  writer.write(0, {"params/trainable": n_train, "params/trainable_fraction": fraction,
-                   "params/prompts_truncated": n_cut})
 
-  def run_eval(step: int) -> dict[str, float]:
-    metrics = evaluate(scores, common.variables(frozen, trainable), eval_data, kind,
-                       c.data.batch_size)
-    writer.write(step, metrics)
-    return metrics
-
-  # --- Loop -------------------------------------------------------------------------------
-  # Per-step dropout keys in one call: an eager fold_in per step costs more than a small step.
-  step_keys = np.asarray(jax.random.split(rng, c.total_iterations))
-  order = jsonl.endless_batches(train_data, c.data.batch_size, c.seed)
-  eval_metrics: dict[str, float] = {}  # the last step always evaluates
-  for step in range(1, c.total_iterations + 1):
-    epoch, idx = next(order)
-    trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen,
-                                            jsonl.take(train_data, idx),
-                                            step_keys[step - 1])
-    if step % c.log_every == 0 or step == c.total_iterations:
-      writer.write(step, {**metrics, "lr": lr_at(c.optimizer, step - 1), "epoch": epoch})
-    if step % c.eval_every == 0 or step == c.total_iterations:
-      eval_metrics = run_eval(step)
+  # --- Loop (resumes from WORKDIR/checkpoints) ---------------------------------------------
+  trainable, opt_state, eval_metrics, writer = loop.run(
+      c, workdir, step_fn=step_fn, trainable=trainable, opt_state=opt_state, frozen=frozen,
+      train_data=train_data, rng=rng, bases={"reward": model.base},
+      setup_metrics={"params/trainable": n_train, "params/trainable_fraction": fraction,
+                     "params/prompts_truncated": n_cut},
+      evaluate=lambda t: evaluate(scores, common.variables(frozen, t), eval_data, kind,
+                                  c.data.batch_size),
+      log_eval=lambda writer, step, t: None, progress_keys=("loss", "accuracy", "eval/accuracy"))
 
   # --- Normalise on reference-policy samples, save ----------------------------------------
   gain, bias, check = 1.0, 0.0, {}

@@ -2,8 +2,8 @@
 
 Design
 ------
-* One pure jitted step, ``step(trainable, opt_state, frozen, batch, rng) -> (trainable,
-  opt_state, metrics)`` (`make_train_step`), testable on its own. The frozen tree is an
+* One pure jitted step, ``step(trainable, opt_state, frozen, batch, rng, step) ->
+  (trainable, opt_state, metrics)`` (`make_train_step`), testable on its own. The frozen tree is an
   argument, never closed over: a closed-over array is baked into the compiled program as a
   constant (a second copy of the weights, and a recompile whenever it changes).
 * Rows are ``[left-padded prompt | response + EOS | pad]`` (`perl_jax.data.jsonl.encode_sft`);
@@ -16,9 +16,11 @@ Design
   scratch, with the synthetic task's word-level tokenizer (or, for text it cannot encode, a
   small byte-level BPE fitted to the data).
 * At the end the model is written as a Hugging Face checkpoint with the adapters merged, plus
-  its tokenizer, to ``workdir/hf``: later stages load it with ``policy.init=workdir/hf``.
+  its tokenizer, to ``workdir/hf``: later stages load it with ``policy.init=workdir/hf``. A LoRA
+  run on a checkpoint also saves its adapters (`common.save_model`) to ``workdir/model``, for
+  ``python -m perl_jax.export --format=peft``.
 
-The helpers `lr_at`, `padded_batches` and `sft_data_paths` are
+The helpers `padded_batches` and `sft_data_paths` are
 shared with the reward trainer.
 """
 
@@ -36,7 +38,7 @@ from absl import logging
 
 from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample
-from perl_jax.trainers import common
+from perl_jax.trainers import common, loop
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -67,8 +69,9 @@ def make_loss_fn(module: Any) -> Callable[..., tuple[jax.Array, dict]]:
 
 
 def make_train_step(module: Any, optimizer: optax.GradientTransformation) -> Callable:
-  """The jitted pure step ``(trainable, opt_state, frozen, batch, rng) -> (trainable,
-  opt_state, metrics)``; metrics: loss, perplexity, accuracy, grad_norm (before clipping).
+  """The jitted pure step ``(trainable, opt_state, frozen, batch, rng, step) -> (trainable,
+  opt_state, metrics)``; metrics: loss, perplexity, accuracy, grad_norm (before clipping) and
+  the non-finite flags of `common.make_train_step`.
 
   `trainable` and `opt_state` are donated (updated in place): do not reuse the arrays passed in.
   """
@@ -104,13 +107,6 @@ def evaluate(eval_fn: Callable, trainable: Params, frozen: Params, data: dict[st
 
 
 # --- Shared helpers -------------------------------------------------------------------------
-
-
-def lr_at(o: Any, step: int) -> float:
-  """The learning rate `common.make_optimizer` uses at `step` (linear warm-up, then constant)."""
-  if o.warmup_steps and step < o.warmup_steps:
-    return o.lr * step / o.warmup_steps
-  return float(o.lr)
 
 
 def padded_batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -185,7 +181,6 @@ def train(c: Any, workdir: str) -> dict:
   Returns ``{'eval_loss', 'eval_accuracy', 'hf_dir', 'trainable_params', 'seconds'}``.
   """
   from perl_jax.data import jsonl
-  from perl_jax.metrics import MetricsWriter
   from perl_jax.models import save_hf_checkpoint
 
   t_start = time.perf_counter()
@@ -222,38 +217,25 @@ def train(c: Any, workdir: str) -> dict:
   step_fn = make_train_step(model.module, optimizer)
   eval_fn = make_eval_fn(model.module)
 
-  writer = MetricsWriter(workdir, c.total_iterations, progress=c.progress,
-                         progress_keys=("loss", "accuracy", "eval/loss"))
   n_train, n_frozen = common.count(trainable), common.count(frozen)
   fraction = n_train / (n_train + n_frozen)
   logging.info("SFT: %d trainable parameters (%.4f%% of %d)%s", n_train, 100 * fraction,
                n_train + n_frozen, f", LoRA rank {lcfg.rank}" if lcfg else ", full fine-tuning")
-  writer.write(0, {"params/trainable": n_train, "params/trainable_fraction": fraction,
-                   "params/prompts_truncated": n_cut})
   shown = eval_records[:NUM_LOGGED_SAMPLES]
 
-  def run_eval(step: int) -> dict[str, float]:
-    metrics = evaluate(eval_fn, trainable, frozen, eval_data, c.data.batch_size)
-    writer.write(step, metrics)
+  def log_samples(writer, step: int, trainable: Params) -> None:
     writer.write_samples(step, greedy_samples(
         model.module, common.variables(frozen, trainable), tokenizer, shown,
         c.data.max_prompt_len, c.data.max_response_len + 1, c.data.truncate))
-    return metrics
 
-  # --- Loop -------------------------------------------------------------------------------
-  # Per-step dropout keys in one call: an eager fold_in per step costs more than a small step.
-  step_keys = np.asarray(jax.random.split(rng, c.total_iterations))
-  order = jsonl.endless_batches(train_data, c.data.batch_size, c.seed)
-  eval_metrics: dict[str, float] = {}  # the last step always evaluates
-  for step in range(1, c.total_iterations + 1):
-    epoch, idx = next(order)
-    batch = jsonl.take(train_data, idx)
-    trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
-                                            step_keys[step - 1])
-    if step % c.log_every == 0 or step == c.total_iterations:
-      writer.write(step, {**metrics, "lr": lr_at(c.optimizer, step - 1), "epoch": epoch})
-    if step % c.eval_every == 0 or step == c.total_iterations:
-      eval_metrics = run_eval(step)
+  # --- Loop (resumes from WORKDIR/checkpoints) ---------------------------------------------
+  trainable, opt_state, eval_metrics, writer = loop.run(
+      c, workdir, step_fn=step_fn, trainable=trainable, opt_state=opt_state, frozen=frozen,
+      train_data=train_data, rng=rng, bases={"policy": model.base},
+      setup_metrics={"params/trainable": n_train, "params/trainable_fraction": fraction,
+                     "params/prompts_truncated": n_cut},
+      evaluate=lambda t: evaluate(eval_fn, t, frozen, eval_data, c.data.batch_size),
+      log_eval=log_samples, progress_keys=("loss", "accuracy", "eval/loss"))
   writer.close()
 
   # --- Save: merged HF checkpoint + tokenizer ---------------------------------------------
@@ -262,6 +244,8 @@ def train(c: Any, workdir: str) -> dict:
   lora = (model.lora, merged["lora"]) if "lora" in merged else None
   save_hf_checkpoint(model.cfg, merged["params"], hf_dir, lora=lora)
   tokenizer.save_pretrained(hf_dir)
+  if model.lora is not None and model.base is not None:  # the adapters alone, for peft export
+    common.save_model(os.path.join(workdir, "model"), model, trainable)
   seconds = time.perf_counter() - t_start
   logging.info("SFT: eval loss %.4f, accuracy %.3f; saved %s (%.1f s)",
                eval_metrics["eval/loss"], eval_metrics["eval/accuracy"], hf_dir, seconds)
