@@ -261,14 +261,10 @@ def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
     ok = flags["nonfinite/any"] == 0
     met["policy/grad_norm"] = optax.tree_utils.tree_norm(g_pol)
     if train_policy:
-      updates, opt = policy_opt.update(g_pol, pol.opt_state, pol.trainable)
-      pol = common.keep_unless(ok, TrainState(optax.apply_updates(pol.trainable, updates), opt),
-                               pol)
+      pol = common.apply_if(ok, policy_opt, pol, g_pol)
     if val:
       met["val/grad_norm"] = optax.tree_utils.tree_norm(g_val)
-      updates, opt = value_opt.update(g_val, val.opt_state, val.trainable)
-      val = common.keep_unless(ok, TrainState(optax.apply_updates(val.trainable, updates), opt),
-                               val)
+      val = common.apply_if(ok, value_opt, val, g_val)
     return (pol, val), (met, flags)
 
   @functools.partial(jax.jit, static_argnames=("train_policy",), donate_argnums=(0, 1))
