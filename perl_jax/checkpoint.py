@@ -43,7 +43,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 PREEMPTED_EXIT_CODE = 75
@@ -213,12 +212,3 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()  # also on errors: the last good checkpoint is complete before the run stops
-
-
-def numpy_rng_state(rng: np.random.Generator) -> dict:
-  """The JSON-safe state of a NumPy generator (PCG64's 128-bit integers fit JSON)."""
-  return rng.bit_generator.state
-
-
-def set_numpy_rng_state(rng: np.random.Generator, state: Mapping) -> None:
-  rng.bit_generator.state = dict(state)

@@ -424,7 +424,7 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
     state, meta = restored
     pol_state, val_state = state["policy"], state.get("value")
     rng, kl_state, reward_stats = state["rng"], state["kl"], state["reward_stats"]
-    checkpoint.set_numpy_rng_state(np_rng, meta["numpy_rng"])  # the prompt order
+    np_rng.bit_generator.state = meta["numpy_rng"]  # the prompt order (PCG64 state: JSON ints)
     start, episode, skips.total = meta["step"], meta["episode"], meta["skipped_steps"]
     evals = [(it, e) for it, e in meta["evals"]]
   # Iteration `it` logs at step `it`: a resumed run drops what iterations >= start had written.
@@ -474,7 +474,7 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
                           "perf/tokens_per_s": float(resp_mask.sum()) / iter_s})
       done = it + 1
       if ckpt.due(done) or done == c.total_iterations or guard.requested:
-        ckpt.save(done, state_tree(), {"numpy_rng": checkpoint.numpy_rng_state(np_rng),
+        ckpt.save(done, state_tree(), {"numpy_rng": np_rng.bit_generator.state,
                                        "episode": episode, "skipped_steps": skips.total,
                                        "evals": evals})
       if guard.requested:
