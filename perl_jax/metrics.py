@@ -30,10 +30,13 @@ Design
 ``WORKDIR/samples.jsonl`` and prints the first few samples with `tqdm.write`, which keeps the
 bar intact. Samples are for reading, not for plotting: they are not checked for finiteness.
 
-On every process but the main one (``is_main_process=False``) each method is a no-op and no
-file is created, so multi-host trainers can call the writer unconditionally. Beware that such
-processes then also skip the finiteness check; a trainer that must stop every host on a NaN
-has to agree on it across hosts itself.
+Only one process writes. ``is_main_process`` defaults to ``jax.process_index() == 0``; on
+every other process each method is a no-op and no file is created (no metrics.jsonl, no
+TensorBoard file, no samples.jsonl, no progress bar), so multi-host trainers call the writer
+unconditionally. Beware that such processes then also skip the finiteness check; a trainer
+that must stop every host on a NaN has to agree on it across hosts itself. (Checkpoints are
+the opposite case: Orbax's CheckpointManager is called on every process and writes
+collectively, each process its own shards.)
 
 TensorBoard event files
 -----------------------
@@ -244,7 +247,8 @@ class MetricsWriter:
     total_steps: length of the progress bar; None for a bar without a total.
     progress: show a tqdm progress bar (on stderr).
     tensorboard: write a TensorBoard event file under ``workdir/tb``.
-    is_main_process: when False every method is a no-op and nothing is created.
+    is_main_process: when False every method is a no-op and nothing is created; None (the
+      default) means ``jax.process_index() == 0``, the one writer of a multi-host run.
     progress_keys: metric names shown in the bar's postfix (those present in a write); None
       shows the first three metrics of each write.
     print_samples: how many samples of each `write_samples` call are printed.
@@ -255,11 +259,14 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, total_steps: int | None = None, *,
-               progress: bool = True, tensorboard: bool = True, is_main_process: bool = True,
+               progress: bool = True, tensorboard: bool = True,
+               is_main_process: bool | None = None,
                progress_keys: Sequence[str] | None = None, print_samples: int = 2,
                keep_below: int | None = None):
     self.workdir = os.fspath(workdir)
     self.total_steps = total_steps
+    if is_main_process is None:
+      is_main_process = jax.process_index() == 0
     self.is_main_process = is_main_process
     self.progress_keys = None if progress_keys is None else tuple(progress_keys)
     self.print_samples = print_samples

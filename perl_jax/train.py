@@ -29,6 +29,16 @@ Exit status:
 * 75: preempted (SIGTERM): the step in flight finished and was saved; run the same command
   again to resume (every trainer resumes from ``WORKDIR/checkpoints`` on its own).
 * 1: anything else (a bug, out of memory, ...): the exception propagates with its traceback.
+
+Multi-host
+----------
+Every host runs this same command. Before anything touches a device, `main` calls
+`perl_jax.distributed.initialize`: on Cloud TPU and under SLURM JAX finds its peers itself;
+elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or the
+``JAX_*`` variables of the same names). Only process 0 writes summary.json, metrics,
+TensorBoard events and the progress bar, and prints the summary; the other processes log
+warnings and errors only. Checkpoints are written by all processes together (Orbax). The
+workdir must be one directory every host sees (``launch/tpu.py`` mounts a GCS bucket).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -43,6 +54,7 @@ from typing import Any, NoReturn, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from perl_jax import distributed
 from perl_jax.config import ConfigError
 from perl_jax.data.jsonl import DataError
 from perl_jax.models.hf import CheckpointError
@@ -50,6 +62,14 @@ from perl_jax.tokenizers import TokenizerError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (overrides config.workdir).")
+# Multi-host start-up (perl_jax/distributed.py); unset on one host, on Cloud TPU and on SLURM.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 in a multi-host run without cluster "
+    "auto-detection (also JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (hosts) in the run (also JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0..num_processes-1 (also JAX_PROCESS_ID).")
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # optimizer.max_consecutive_skips non-finite steps in a row
@@ -76,7 +96,8 @@ def run(c, workdir: str) -> dict:
     summary = reward.train(c, workdir)
   else:
     summary = _ppo_with_prerequisites(c, workdir)
-  Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+  if distributed.is_primary():  # one writer in a multi-host run
+    Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   return summary
 
 
@@ -135,9 +156,14 @@ def _cached_stage(c, stage_dir: str, key: str) -> str:
 
 
 def _check_writable(workdir: str) -> None:
+  if "://" in workdir:  # os.makedirs would quietly make a local directory named "gs:"
+    raise ConfigError(f"--workdir / config.workdir {workdir!r}: a URL, but the trainers write "
+                      "with local file I/O; mount the bucket and pass the mounted path "
+                      "(launch/tpu.py mounts gs://BUCKET at /gcs/BUCKET on every worker)")
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = Path(workdir, ".write_test")
+    # One probe per process: hosts sharing the workdir must not delete each other's.
+    probe = Path(workdir, f".write_test.{os.getpid()}.{socket.gethostname()}")
     probe.write_text("")
     probe.unlink()
   except OSError as e:
@@ -399,7 +425,8 @@ def cli(c, workdir: str) -> int:
   except NonFiniteTrainingError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_DIVERGED
-  print(json.dumps(summary, indent=2, default=str))
+  if distributed.is_primary():
+    print(json.dumps(summary, indent=2, default=str))
   return 0
 
 
@@ -416,6 +443,16 @@ def main(argv: Sequence[str]) -> int:
     raise app.UsageError("--config=configs/<name>.py is required", exitcode=EXIT_BAD_INPUT)
   name = Path(flags.FLAGS["config"].config_filename).stem
   workdir = _WORKDIR.value or c.workdir or os.path.join("workdir", name)
+  try:  # before anything touches a device
+    plan = distributed.initialize({"coordinator_address": _COORDINATOR.value,
+                                   "num_processes": _NUM_PROCESSES.value,
+                                   "process_id": _PROCESS_ID.value})
+  except distributed.DistributedConfigError as e:
+    _exit_bad_input("bad flag", str(e))
+  if plan.multi_process:
+    logging.info("jax.distributed: %s", plan.reason)
+    if not distributed.is_primary():  # one copy of the logs, from process 0
+      logging.set_verbosity(logging.WARNING)
   return cli(c, workdir)
 
 
