@@ -105,8 +105,9 @@ def test_train_reports_bad_distributed_flags_and_url_workdirs(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   runs = {"flags": ["--num_processes=2", f"--workdir={tmp_path / 'a'}"],
           "url": ["--workdir=gs://bucket/run"]}
-  procs = {k: subprocess.Popen([sys.executable, "-m", "perl_jax.train", f"--config={ROOT}/configs/sft.py",
-                                *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+  config = f"--config={ROOT}/configs/sft.py"
+  procs = {k: subprocess.Popen([sys.executable, "-m", "perl_jax.train", config, *args],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for k, args in runs.items()}
   out = {k: (p.communicate(timeout=120), p.returncode) for k, p in procs.items()}
   (_, err), rc = out["flags"]

@@ -28,7 +28,8 @@ def env(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   config = tmp_path / "ppo_lora.py"
-  config.write_text("from perl_jax import config\n\ndef get_config():\n  return config.ppo_config()\n")
+  config.write_text("from perl_jax import config\n\n\n"
+                    "def get_config():\n  return config.ppo_config()\n")
 
   class Env:
     tmp, bin, log = tmp_path, bin_dir, tmp_path / "calls.jsonl"
@@ -44,7 +45,8 @@ def env(tmp_path):
       path = bin_dir / name
       path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                       f"with open({str(self.log)!r}, 'a') as f:\n"
-                      "  f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n"
+                      "  argv = [os.path.basename(sys.argv[0])] + sys.argv[1:]\n"
+                      "  f.write(json.dumps(argv) + '\\n')\n"
                       + body)
       path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
