@@ -215,10 +215,12 @@ def test_ptx_and_dual_clip_and_adaptive_kl_run(prereqs, tmp_path):
   c.data.train = prereqs["sft"]
   ppo.train(c, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  train_lines = [l for l in lines if "loss/policy_avg" in l]
-  assert "loss/ptx_avg" in train_lines[0]
+  train_lines = [l for l in lines if "objective/kl_coef" in l]
+  # Iteration 0 is critic warm-up: only the value program runs, so no policy losses.
+  assert "loss/value_avg" in train_lines[0] and "loss/policy_avg" not in train_lines[0]
+  assert "loss/ptx_avg" in train_lines[1] and "loss/policy_avg" in train_lines[1]
   coefs = [l["objective/kl_coef"] for l in train_lines]
-  assert coefs[0] == pytest.approx(0.05)
+  assert coefs[0] == pytest.approx(0.05) and coefs[1] != coefs[0]
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -348,13 +348,19 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
     zeros = jnp.zeros((batch, new_tokens), jnp.float32)
     data = dict(tokens=tokens, mask=mask, response_mask=resp, logp=zeros, values=zeros,
                 adv=zeros, returns=zeros)
-    compiled = update_fn.lower(pol_state, val_state, frozen, data, jax.random.PRNGKey(0),
-                               train_policy=True).compile()
-    # XLA counts a loop body once: the update scans minibatches x microbatches, per epoch.
-    per_call = _gflop(compiled)
+    # The update is two programs (policy, value); XLA counts a loop body once, and each scans
+    # minibatches x microbatches, per epoch. Their temp buffers are never live together.
+    progs = update_fn.programs
+    pick = lambda *keys: {k: data[k] for k in ("tokens", "mask", "response_mask") + keys}
+    compiled = [progs["policy"].lower(pol_state, frozen["policy"], pick("logp", "adv"),
+                                      jax.random.PRNGKey(0)).compile(),
+                progs["value"].lower(val_state, frozen["value"], pick("values", "returns"),
+                                     jax.random.PRNGKey(0)).compile()]
+    per_call = [_gflop(x) for x in compiled]
     steps = c.ppo.num_minibatches * c.ppo.grad_accum * c.ppo.epochs
-    gflop["update"] = None if per_call is None else per_call * steps
-    temp_mb["update"] = _temp_mb(compiled)
+    gflop["update"] = None if None in per_call else sum(per_call) * steps
+    temps = [_temp_mb(x) for x in compiled]
+    temp_mb["update"] = None if None in temps else max(temps)
     # Sampler: prefill of P - 1 tokens + new_tokens one-token steps, from two compiled forwards.
     variables = lora_lib.inference_variables(policy_vars(pol_state), policy.module.lora)
     fwd = lambda v, t: policy.module.apply(v, t, outputs_from=t.shape[1] - 1)

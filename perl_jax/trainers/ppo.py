@@ -192,23 +192,28 @@ def advantages(c, batch: Rollout, kl_coef, reward_stats: rl.RunningMeanStd):
 
 
 def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
-  """Jitted: one epoch of minibatch updates over a rollout -> (states, metrics).
+  """One epoch of minibatch updates over a rollout -> (policy state, value state, metrics).
+
+  Policy and value are updated by two separately jitted programs over the same minibatches
+  (one permutation, drawn from the same key). Their parameters and optimizers are disjoint,
+  so this is the math of one joint loss ``policy + vf_coef * value``; two half-size programs
+  compile in about half the peak host memory of one (BUILD_NOTES: PPO iteration speed and
+  memory), and critic warm-up iterations run the value program alone.
 
   Metrics are means over the applied minibatches, plus per-minibatch ``nonfinite/*`` flags
-  ([num_minibatches]) for `common.SkipCounter`: a minibatch with a non-finite loss or gradient
-  changes neither model.
+  ([num_minibatches], the max over both models) for `common.SkipCounter`: a minibatch with a
+  non-finite loss or gradient leaves the model it was computed for unchanged.
   """
   p = c.ppo
   temperature = c.rollout.temperature
   dropout = policy.lora is not None and policy.lora.dropout > 0
 
-  def losses(policy_train, value_train, frozen, mb, rng):
+  def policy_loss(trainable, frozen, mb, rng):
     rngs = {"lora_dropout": rng} if dropout else None
-    n = mb["response_mask"].shape[1]
     mask = mb["response_mask"]
-    pol_vars = common.variables(frozen["policy"], policy_train)
-    logp, logits = response_logprobs(policy, pol_vars, mb["tokens"], mb["mask"], n, temperature,
-                                     rngs)
+    variables = common.variables(frozen, trainable)
+    logp, logits = response_logprobs(policy, variables, mb["tokens"], mb["mask"], mask.shape[1],
+                                     temperature, rngs)
     pg, pg_metrics = rl.policy_loss(logp, mb["logp"], mb["adv"], mask, p.clip_eps,
                                     p.dual_clip or None)
     entropy = rl.entropy_from_logits(logits, mask, temperature)
@@ -218,73 +223,91 @@ def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
                "policy/clipfrac_avg": pg_metrics["clipfrac"], "val/ratio": pg_metrics["ratio"],
                "val/ratio_var": pg_metrics["ratio_var"]}
     if p.ptx_coef:
-      ptx_logits = policy.apply(pol_vars, mb["ptx_tokens"], mask_BxT=mb["ptx_mask"],
+      ptx_logits = policy.apply(variables, mb["ptx_tokens"], mask_BxT=mb["ptx_mask"],
                                 rngs=rngs or {})
       ptx, _ = rl.sft_loss(ptx_logits, mb["ptx_tokens"], mb["ptx_loss_mask"])
       loss = loss + p.ptx_coef * ptx
       metrics["loss/ptx_avg"] = ptx
-    if value is not None:
-      val_vars = common.variables(frozen["value"], value_train)
-      values = response_values(value, val_vars, mb["tokens"], mb["mask"], n)
-      vl, v_metrics = rl.value_loss(values, mb["values"], mb["returns"], mask, p.value_clip_eps)
-      loss = loss + p.vf_coef * vl
-      metrics.update({"loss/value_avg": vl, "val/clipfrac_avg": v_metrics["clipfrac"]})
     return loss, metrics
 
-  grad_fn = jax.grad(losses, argnums=(0, 1), has_aux=True)
+  def value_loss(trainable, frozen, mb, rng):
+    del rng  # the value model has no dropout
+    mask = mb["response_mask"]
+    values = response_values(value, common.variables(frozen, trainable), mb["tokens"],
+                             mb["mask"], mask.shape[1])
+    vl, v_metrics = rl.value_loss(values, mb["values"], mb["returns"], mask, p.value_clip_eps)
+    return p.vf_coef * vl, {"loss/value_avg": vl, "val/clipfrac_avg": v_metrics["clipfrac"]}
 
-  def minibatch_step(carry, mb_and_rng, frozen, train_policy: bool):
-    pol, val = carry
+  policy_keys = ("tokens", "mask", "response_mask", "logp", "adv") + (
+      ("ptx_tokens", "ptx_mask", "ptx_loss_mask") if p.ptx_coef else ())
+  value_keys = ("tokens", "mask", "response_mask", "values", "returns")
+  policy_epoch = _minibatch_epoch(policy_loss, policy_opt, p, "policy/grad_norm")
+  value_epoch = None if value is None else _minibatch_epoch(value_loss, value_opt, p,
+                                                           "val/grad_norm")
+
+  def update(pol_state, val_state, frozen, data, rng, train_policy: bool = True):
+    metrics, flags = {}, []
+    if train_policy:
+      pol_state, m, f = policy_epoch(pol_state, frozen["policy"],
+                                     {k: data[k] for k in policy_keys}, rng)
+      metrics.update(m)
+      flags.append(f)
+    if value_epoch is not None:
+      val_state, m, f = value_epoch(val_state, frozen["value"],
+                                    {k: data[k] for k in value_keys}, rng)
+      metrics.update(m)
+      flags.append(f)
+    metrics.update(jax.tree.map(lambda *f_M: functools.reduce(jnp.maximum, f_M), *flags))
+    return pol_state, val_state, metrics
+
+  update.programs = {"policy": policy_epoch, "value": value_epoch}  # for cost analysis
+  return update
+
+
+def _minibatch_epoch(loss_fn: Callable, optimizer: optax.GradientTransformation, p,
+                     grad_norm_key: str) -> Callable:
+  """Jitted (state, frozen, data, rng) -> (state, mean metrics, per-minibatch flags) for one
+  model: data shuffled by a permutation drawn from `rng`, split into ``p.num_minibatches``
+  optimizer steps of ``p.grad_accum`` accumulated microbatches each."""
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def minibatch_step(state, mb_and_rng, frozen):
     mb, rng = mb_and_rng
     micro = jax.tree.map(lambda x: x.reshape((p.grad_accum, -1) + x.shape[1:]), mb)
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
 
     def accumulate(acc, m_and_key):  # gradient accumulation over microbatches
-      g_pol, g_val, met = acc
       m, key = m_and_key
-      (gp, gv), metrics = grad_fn(pol.trainable, val.trainable if val else None, frozen, m, key)
-      add = lambda a, b: jax.tree.map(jnp.add, a, b)
-      return (add(g_pol, gp), add(g_val, gv) if val else None, add(met, metrics)), None
+      grads, metrics = grad_fn(state.trainable, frozen, m, key)
+      return add(acc, (grads, metrics)), None
 
-    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-    (_, met_shape) = jax.eval_shape(losses, pol.trainable, val.trainable if val else None, frozen,
-                                    jax.tree.map(lambda x: x[0], micro), rng)
-    init = (zeros(pol.trainable), zeros(val.trainable) if val else None,
+    _, met_shape = jax.eval_shape(loss_fn, state.trainable, frozen,
+                                  jax.tree.map(lambda x: x[0], micro), rng)
+    init = (jax.tree.map(jnp.zeros_like, state.trainable),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), met_shape))
-    keys = jax.random.split(rng, p.grad_accum)
-    (g_pol, g_val, met), _ = jax.lax.scan(accumulate, init, (micro, keys))
-    scale = lambda t: jax.tree.map(lambda x: x / p.grad_accum, t)
-    g_pol, met = scale(g_pol), scale(met)
-    g_val = scale(g_val) if val else None
-    # A non-finite loss or gradient skips this minibatch for both models (common.SkipCounter).
-    losses_ = jnp.stack([v for k, v in met.items() if k.startswith("loss/")])
-    flags = common.nonfinite_flags(losses_, (g_pol, g_val) if val else g_pol)
-    ok = flags["nonfinite/any"] == 0
-    met["policy/grad_norm"] = optax.tree_utils.tree_norm(g_pol)
-    if train_policy:
-      pol = common.apply_if(ok, policy_opt, pol, g_pol)
-    if val:
-      met["val/grad_norm"] = optax.tree_utils.tree_norm(g_val)
-      val = common.apply_if(ok, value_opt, val, g_val)
-    return (pol, val), (met, flags)
+    (grads, met), _ = jax.lax.scan(accumulate, init, (micro, jax.random.split(rng, p.grad_accum)))
+    grads, met = jax.tree.map(lambda x: x / p.grad_accum, (grads, met))
+    losses = jnp.stack([v for k, v in met.items() if k.startswith("loss/")])
+    flags = common.nonfinite_flags(losses, grads)
+    met[grad_norm_key] = optax.tree_utils.tree_norm(grads)
+    state = common.apply_if(flags["nonfinite/any"] == 0, optimizer, state, grads)
+    return state, (met, flags)
 
-  @functools.partial(jax.jit, static_argnames=("train_policy",), donate_argnums=(0, 1))
-  def update(pol_state, val_state, frozen, data, rng, train_policy: bool = True):
-    rows = data["tokens"].shape[0]
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def epoch(state, frozen, data, rng):
     perm_rng, step_rng = jax.random.split(rng)
-    perm = jax.random.permutation(perm_rng, rows)
-    mbs = jax.tree.map(
-        lambda x: x[perm].reshape((p.num_minibatches, -1) + x.shape[1:]), data)
+    perm = jax.random.permutation(perm_rng, data["tokens"].shape[0])
+    mbs = jax.tree.map(lambda x: x[perm].reshape((p.num_minibatches, -1) + x.shape[1:]), data)
     keys = jax.random.split(step_rng, p.num_minibatches)
-    step = functools.partial(minibatch_step, frozen=frozen, train_policy=train_policy)
-    (pol_state, val_state), (metrics, flags_M) = jax.lax.scan(step, (pol_state, val_state),
-                                                              (mbs, keys))
+    state, (metrics, flags_M) = jax.lax.scan(functools.partial(minibatch_step, frozen=frozen),
+                                             state, (mbs, keys))
     # Means over the minibatches that were applied; the per-minibatch flags go to the host.
     ok_M = flags_M["nonfinite/any"] == 0
     mean = lambda x_M: jnp.where(ok_M.any(), jnp.where(ok_M, x_M, 0.0).sum()
                                  / jnp.maximum(ok_M.sum(), 1), jnp.nan)
-    return pol_state, val_state, {**jax.tree.map(mean, metrics), **flags_M}
+    return state, jax.tree.map(mean, metrics), flags_M
 
-  return update
+  return epoch
 
 
 # --- The loop -------------------------------------------------------------------------------
