@@ -35,8 +35,10 @@ Design
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -118,15 +120,16 @@ def check_record(record: Any, kind: str, where: str) -> Record:
   return Record(fields, where)
 
 
-def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
-  """(1-based line number, parsed value) for every non-blank line of `path`."""
+def json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
+  """(1-based line number, parsed value) for every non-blank line of `path` (gzip if *.gz)."""
   path = Path(path)
   if not path.exists():
     raise DataError(f"{path}: no such file")
   if not path.is_file():
     raise DataError(f"{path}: not a file")
-  with open(path, "rb") as f:  # bytes: a bad encoding is reported with its line number
-    for line_no, raw in enumerate(f, 1):
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:  # bytes: a bad encoding is reported with its line number
+    for line_no, raw in _numbered(f, path):
       try:
         text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # tolerate a leading BOM
       except UnicodeDecodeError as e:
@@ -141,10 +144,20 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
       yield line_no, value
 
 
+def _numbered(f: Any, path: Path) -> Iterator[tuple[int, bytes]]:
+  """(line number, raw line); a damaged gzip stream is a DataError naming the file and line."""
+  line_no = 0
+  try:
+    for line_no, raw in enumerate(f, 1):
+      yield line_no, raw
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    raise DataError(f"{path}:{line_no + 1}: cannot read the compressed file: {e}") from None
+
+
 def read_jsonl(path: PathLike, kind: str) -> list[Record]:
   """Every record of a JSON-lines file, validated against the `kind` schema (see `KINDS`)."""
   _check_kind(kind)
-  records = [check_record(value, kind, f"{path}:{line_no}") for line_no, value in _json_lines(path)]
+  records = [check_record(value, kind, f"{path}:{line_no}") for line_no, value in json_lines(path)]
   if not records:
     raise DataError(f"{path}: no records (the file is empty or has only blank lines)")
   return records
@@ -152,7 +165,7 @@ def read_jsonl(path: PathLike, kind: str) -> list[Record]:
 
 def detect_preference_kind(path: PathLike) -> str:
   """"pairwise" or "pointwise", from the keys of the first record of `path`."""
-  for line_no, value in _json_lines(path):
+  for line_no, value in json_lines(path):
     where = f"{path}:{line_no}"
     if not isinstance(value, dict):
       raise DataError(f"{where}: a record must be a JSON object, got {_json_type(value)}")
