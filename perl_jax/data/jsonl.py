@@ -29,8 +29,9 @@ Design
   text the response follows); the rows cut are returned so the caller can log them. A response
   longer than R is always an error: cutting it would put EOS mid-answer (teaching the model to
   stop early) or score a response different from the one labelled.
-* `batches` yields shuffled index batches that depend only on (seed, epoch), so a resumed run
-  sees the same order, and drops the last incomplete batch (one batch shape, no recompiles).
+* `batches` yields shuffled index batches that depend only on (seed, epoch), in the order the
+  trainers' input pipeline (`perl_jax.data.pipeline`) uses, and drops the last incomplete
+  batch (one batch shape, no recompiles).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from perl_jax.data.pipeline import epoch_order
 from perl_jax.tokenizers import TokenizerError, encode_prompts
 
 PathLike = str | os.PathLike
@@ -385,9 +387,9 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
             epoch: int) -> Iterator[np.ndarray]:
   """Shuffled index batches (int64 [batch_size]) over the leading axis of `arrays`.
 
-  The order depends only on (seed, epoch). The last incomplete batch is dropped (one shape
-  for jitted steps); a new epoch reshuffles, so every example is still seen. Use `take` to
-  gather a batch.
+  The order depends only on (seed, epoch) (`pipeline.epoch_order`, the trainers' order too).
+  The last incomplete batch is dropped (one shape for jitted steps); a new epoch reshuffles,
+  so every example is still seen. Use `take` to gather a batch.
   """
   n = num_examples(arrays)
   if batch_size < 1:
@@ -395,20 +397,8 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
   if n < batch_size:
     raise ValueError(f"{n} examples are fewer than batch_size={batch_size}: every batch would "
                      "be incomplete and dropped")
-  if seed < 0 or epoch < 0:
-    raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-  order = np.random.default_rng((seed, epoch)).permutation(n)
+  order = epoch_order(n, seed, epoch)
   return iter(order[:n // batch_size * batch_size].reshape(-1, batch_size))
-
-
-def endless_batches(arrays: Mapping[str, np.ndarray], batch_size: int,
-                    seed: int) -> Iterator[tuple[int, np.ndarray]]:
-  """(epoch, indices) forever: the `batches` of epoch 0, then of epoch 1 (reshuffled), ..."""
-  epoch = 0
-  while True:
-    for idx in batches(arrays, batch_size, seed, epoch):
-      yield epoch, idx
-    epoch += 1
 
 
 def take(arrays: Mapping[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:

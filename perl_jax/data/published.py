@@ -40,6 +40,11 @@ from typing import Any, Iterator
 from perl_jax.data.jsonl import DataError, json_lines
 
 Example = dict[str, Any]
+# The datasets `perl_jax.data.tfds_builders` prepares: name -> (kind, default evaluation split).
+# Kept here, free of TFDS imports, so config validation can name them cheaply.
+DATASETS = {"hh_rlhf": ("pairwise", "test"), "tldr_comparisons": ("pairwise", "validation"),
+            "tldr_sft": ("sft", "validation"), "shp": ("pairwise", "validation"),
+            "thumbs": ("pointwise", "validation")}
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = {"Human": "user", "Assistant": "assistant", "USER": "user", "ASSISTANT": "assistant"}

@@ -109,7 +109,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 class HhRlhf(_Builder):
   name = "hh_rlhf"
-  kind, eval_split = "pairwise", "test"
+  kind, eval_split = published.DATASETS[name]
   # The release has one directory per subset (helpful-base, harmless-base, ...), each with
   # train/test.jsonl.gz; all subsets found are used (red-team-attempts has other files).
   files = {"train": ("**/train.jsonl.gz", "**/train.jsonl"),
@@ -126,7 +126,7 @@ class HhRlhf(_Builder):
 
 class TldrComparisons(_Builder):
   name = "tldr_comparisons"
-  kind, eval_split = "pairwise", "validation"
+  kind, eval_split = published.DATASETS[name]
   files = {"train": ("**/batch*.json",), "validation": ("**/batch*.json",),
            "test": ("**/batch*.json",)}
   upstream_split = {"train": "train", "validation": "valid1", "test": "valid2"}
@@ -142,7 +142,7 @@ class TldrComparisons(_Builder):
 
 class TldrSft(_Builder):
   name = "tldr_sft"
-  kind, eval_split = "sft", "validation"
+  kind, eval_split = published.DATASETS[name]
   files = {"train": ("**/train.jsonl",), "validation": ("**/valid.jsonl",),
            "test": ("**/test.jsonl",)}
   description = "The filtered TL;DR set (tldr_3_filtered) of summarize-from-feedback, for SFT."
@@ -156,7 +156,7 @@ class TldrSft(_Builder):
 
 class Shp(_Builder):
   name = "shp"
-  kind, eval_split = "pairwise", "validation"
+  kind, eval_split = published.DATASETS[name]
   files = {s: (f"**/{s}.json", f"**/{s}.jsonl") for s in ("train", "validation", "test")}
   description = "Stanford Human Preferences (SHP): Reddit comment preferences, all domains found."
   homepage = "https://huggingface.co/datasets/stanfordnlp/SHP"
@@ -169,7 +169,7 @@ class Shp(_Builder):
 
 class Thumbs(_Builder):
   name = "thumbs"
-  kind, eval_split = "pointwise", "validation"
+  kind, eval_split = published.DATASETS[name]
   files = {s: (f"**/{s}.jsonl",) for s in ("train", "validation", "test")}
   description = ("Pointwise thumbs-up/down ratings of assistant turns in the style of PERL's "
                  "Taskmaster Coffee and Ticketing sets (format: perl_jax.data.published.thumbs).")
@@ -183,6 +183,7 @@ class Thumbs(_Builder):
 
 DATASETS: dict[str, type[_Builder]] = {b.name: b for b in (HhRlhf, TldrComparisons, TldrSft,
                                                               Shp, Thumbs)}
+assert list(DATASETS) == list(published.DATASETS)
 
 
 def builder_class(name: str) -> type[_Builder]:
@@ -300,16 +301,6 @@ class TfdsRecords(Sequence):
     return [self._record(i, raw) for i, raw in zip(indices, raws)]
 
 
-def eval_split(name: str) -> str:
-  """The split trainers evaluate on by default."""
-  return builder_class(name).eval_split
-
-
 def load(name: str, split: str, data_dir: str = "", kind: str | None = None) -> TfdsRecords:
   """Split `split` of the prepared dataset `name` in `data_dir` ("" = TFDS's default)."""
   return TfdsRecords(name, split, data_dir, kind)
-
-
-def kind_of(name: str) -> str:
-  return builder_class(name).kind
-
