@@ -12,6 +12,7 @@ naming the file, line and key, as ``perl_jax.train`` does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -41,8 +42,9 @@ def main(argv: Sequence[str]) -> int:
   tfds.disable_progress_bar()
   expand = lambda p: os.path.abspath(os.path.expanduser(p)) if p else ""
   try:
-    result = tfds_builders.prepare(_DATASET.value, expand(_MANUAL_DIR.value),
-                                   expand(_DATA_DIR.value), overwrite=_OVERWRITE.value)
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is the summary
+      result = tfds_builders.prepare(_DATASET.value, expand(_MANUAL_DIR.value),
+                                     expand(_DATA_DIR.value), overwrite=_OVERWRITE.value)
   except DataError as e:
     print(f"perl_jax.data.prepare: bad data: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
