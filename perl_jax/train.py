@@ -69,20 +69,20 @@ def run(c, workdir: str) -> dict:
   c = c.copy_and_resolve_references()  # never mutate the caller's config
   config.validate(c)
   _check_writable(workdir)
-  check_inputs(c, workdir)
+  counts = check_inputs(c, workdir)  # prompts data.truncate cuts: the trainers need not recount
   if c.task == "sft":
     from perl_jax.trainers import sft
-    summary = sft.train(c, workdir)
+    summary = sft.train(c, workdir, train_prompts_cut=counts["data.train"])
   elif c.task == "reward":
     from perl_jax.trainers import reward
-    summary = reward.train(c, workdir)
+    summary = reward.train(c, workdir, train_prompts_cut=counts["data.train"])
   else:
-    summary = _ppo_with_prerequisites(c, workdir)
+    summary = _ppo_with_prerequisites(c, workdir, counts["data.prompts"])
   Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   return summary
 
 
-def _ppo_with_prerequisites(c, workdir: str) -> dict:
+def _ppo_with_prerequisites(c, workdir: str, prompts_cut: int) -> dict:
   """PPO; with missing policy/reward/prompts, first builds them from the synthetic task."""
   from perl_jax import config
   from perl_jax.data import synthetic
@@ -119,7 +119,7 @@ def _ppo_with_prerequisites(c, workdir: str) -> dict:
       reward_summary = _cached_summary(rc, os.path.join(workdir, "reward"))
       c.reward.init = reward_summary["model_dir"]
       extra["reward_model_accuracy"] = reward_summary["accuracy"]
-  summary = ppo.train(c, workdir, gold_fn=gold_fn)
+  summary = ppo.train(c, workdir, gold_fn=gold_fn, prompts_cut=prompts_cut)
   return {**extra, **summary}
 
 

@@ -341,8 +341,13 @@ def prompt_records(c) -> Any:
   return jsonl.read_jsonl(c.data.prompts, "prompts")
 
 
-def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = None) -> dict:
-  """Runs c.total_iterations PPO iterations; returns a summary (gold reward when `gold_fn`)."""
+def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = None,
+          prompts_cut: int | None = None) -> dict:
+  """Runs c.total_iterations PPO iterations; returns a summary (gold reward when `gold_fn`).
+
+  `prompts_cut`: the prompts longer than ``data.max_prompt_len``, when
+  `perl_jax.train.check_inputs` has counted them already; None counts them here (one pass).
+  """
   from perl_jax.data import jsonl, sources
   from perl_jax.data.pipeline import Batches
   from perl_jax.metrics import MetricsWriter
@@ -364,8 +369,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   fmt = sources.formatter(c, tokenizer)
   encode_prompts = lambda records: jsonl.encode_prompt_batch(
       tokenizer, fmt.records(records, "prompts"), c.data.max_prompt_len, c.data.truncate)[:2]
-  n_cut = sources.prompt_cuts(tokenizer, fmt, prompts, "prompts", c.data.max_prompt_len,
-                              c.data.truncate)
+  n_cut = prompts_cut if prompts_cut is not None else sources.prompt_cuts(
+      tokenizer, fmt, prompts, "prompts", c.data.max_prompt_len, c.data.truncate)
   # The prompts of each iteration come from the input pipeline (epochs of shuffled prompts,
   # resumable at the checkpoint's data position); evaluation uses a fixed set.
   prompt_batches = Batches(prompts, lambda records: dict(zip(("tokens", "mask"),

@@ -267,8 +267,10 @@ def _synthetic_policy(c: Any, workdir: str) -> str:
 # --- Training -------------------------------------------------------------------------------
 
 
-def train(c: Any, workdir: str) -> dict:
+def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
   """Trains a reward model (c from `config.reward_config()`); see the module docstring.
+
+  `train_prompts_cut`: as for `sft.train` (None: counted here).
 
   Returns ``{'accuracy' (held-out), 'model_dir', 'gain', 'bias', 'policy_init', 'kind',
   'seconds', ...}`` plus the normalisation check (``norm/mean``, ``norm/std``).
@@ -307,8 +309,10 @@ def train(c: Any, workdir: str) -> dict:
   encode = lambda records: encoder(tokenizer, fmt.records(records, kind), c.data.max_prompt_len,
                                    c.data.max_response_len, c.data.truncate)
   eval_data = encode(eval_records)
-  n_cut = int(eval_data["prompt_truncated_B"].sum()) + sources.prompt_cuts(
-      tokenizer, fmt, train_records, kind, c.data.max_prompt_len, c.data.truncate)
+  if train_prompts_cut is None:
+    train_prompts_cut = sources.prompt_cuts(tokenizer, fmt, train_records, kind,
+                                            c.data.max_prompt_len, c.data.truncate)
+  n_cut = int(eval_data["prompt_truncated_B"].sum()) + train_prompts_cut
   eval_data = pick(eval_data, keys)
   train_batches = Batches(train_records, lambda records: pick(encode(records), keys),
                           c.data.batch_size, c.seed)

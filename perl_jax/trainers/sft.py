@@ -198,8 +198,11 @@ def greedy_samples(module: Any, variables: dict, tokenizer: Any, records: list[d
 # --- Training -------------------------------------------------------------------------------
 
 
-def train(c: Any, workdir: str) -> dict:
+def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
   """Runs `c.total_iterations` SFT steps (c from `config.sft_config()`); see the module doc.
+
+  `train_prompts_cut`: the training prompts longer than ``data.max_prompt_len``, when
+  `perl_jax.train.check_inputs` has counted them already; None counts them here (one pass).
 
   Returns ``{'eval_loss', 'eval_accuracy', 'hf_dir', 'trainable_params', 'seconds'}``.
   """
@@ -231,8 +234,10 @@ def train(c: Any, workdir: str) -> dict:
                                             c.data.max_prompt_len, c.data.max_response_len,
                                             c.data.truncate)
   eval_data = encode(eval_records)
-  n_cut = int(eval_data["prompt_truncated_B"].sum()) + sources.prompt_cuts(
-      tokenizer, fmt, train_records, "sft", c.data.max_prompt_len, c.data.truncate)
+  if train_prompts_cut is None:
+    train_prompts_cut = sources.prompt_cuts(tokenizer, fmt, train_records, "sft",
+                                            c.data.max_prompt_len, c.data.truncate)
+  n_cut = int(eval_data["prompt_truncated_B"].sum()) + train_prompts_cut
   eval_data = pick(eval_data, SFT_KEYS)
   train_batches = Batches(train_records, lambda records: pick(encode(records), SFT_KEYS),
                           c.data.batch_size, c.seed)
