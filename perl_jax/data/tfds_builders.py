@@ -42,6 +42,10 @@ from perl_jax.data.jsonl import DataError, Record
 
 VERSION = "1.0.0"
 _TEXT = ("prompt", "chosen", "rejected", "response", "source")
+# (dataset kind, kind a trainer reads) pairs besides equal kinds: SFT on the chosen responses of
+# preference pairs, and RL prompts from any dataset.
+_CONVERSIONS = {("pairwise", "sft"), ("sft", "prompts"), ("pairwise", "prompts"),
+                ("pointwise", "prompts")}
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -50,7 +54,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version(VERSION)
   kind: str  # "sft" | "pairwise" | "pointwise"
   eval_split: str  # the split trainers evaluate on unless data.tfds_eval_split says otherwise
-  files: dict[str, tuple[str, ...]]  # split -> glob patterns under manual_dir (first split required)
+  files: dict[str, tuple[str, ...]]  # split -> globs under manual_dir; the first split is required
   description: str
   homepage: str
 
@@ -195,7 +199,8 @@ def builder_class(name: str) -> type[_Builder]:
 def split_files(cls: type[_Builder], manual_dir: str) -> dict[str, list[str]]:
   """split -> the upstream files for it under `manual_dir`; the first split is required."""
   if not os.path.isdir(manual_dir):
-    raise DataError(f"manual_dir {manual_dir!r} is not a directory. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    raise DataError(f"manual_dir {manual_dir!r} is not a directory. "
+                    f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   found = {}
   for split, patterns in cls.files.items():
     paths = sorted({p for pattern in patterns
@@ -258,9 +263,7 @@ class TfdsRecords(Sequence):
     builder = _prepared(name, data_dir)
     self.name, self.split, self.dataset_kind = name, split, builder.kind
     self.kind = kind or builder.kind
-    convert = {(k, k) for k in ("sft", "pairwise", "pointwise")} | {
-        ("pairwise", "sft"), ("sft", "prompts"), ("pairwise", "prompts"), ("pointwise", "prompts")}
-    if (self.dataset_kind, self.kind) not in convert:
+    if self.kind != self.dataset_kind and (self.dataset_kind, self.kind) not in _CONVERSIONS:
       raise DataError(f"dataset {name!r} holds {self.dataset_kind} records; a {self.kind} "
                       "trainer cannot use them")
     try:
