@@ -95,10 +95,22 @@ def data() -> mlc.ConfigDict:
   d.prompts = ""  # RL prompts, JSONL {"prompt"}; "" -> the built-in synthetic task
   d.train = ""  # SFT {"prompt","response"} or reward {"prompt","chosen","rejected"} /
   d.eval = ""  # {"prompt","response","label"} JSONL; "" -> the built-in synthetic task
-  d.max_prompt_len = 16  # tokens; longer prompts follow `truncate`
+  # A published dataset prepared with `python -m perl_jax.data.prepare` instead of JSONL:
+  # hh_rlhf | tldr_comparisons | tldr_sft | shp | thumbs (perl_jax.data.tfds_builders). SFT and
+  # reward read its train and eval splits (SFT on a preference set trains on the chosen
+  # responses); PPO takes the prompts of its train split.
+  d.tfds = ""
+  d.tfds_dir = ""  # the --data_dir it was prepared in; "" -> TFDS's default (~/tensorflow_datasets)
+  d.tfds_train_split = "train"  # TFDS split syntax works, e.g. "train[:10%]"
+  d.tfds_eval_split = ""  # "" -> the dataset's evaluation split (test or validation)
+  # Prompt text: "chat" applies the tokenizer's chat template (conversations as user/assistant
+  # messages), "plain" fills `prompt_template`, "auto" is chat when the tokenizer has a template.
+  d.prompt_format = "auto"
+  d.prompt_template = "{prompt}"  # plain format; {prompt} is the record's prompt text
+  d.max_prompt_len = 16  # tokens (after formatting); longer prompts follow `truncate`
   d.max_response_len = 16  # tokens of SFT / preference responses (EOS added on top)
   d.truncate = "error"  # too-long prompt: "error" | "left" (keep the last tokens, log a count)
-  d.batch_size = 32  # examples per optimizer step (sft, reward)
+  d.batch_size = 32  # examples per optimizer step (sft, reward), over all processes
   return d
 
 
@@ -183,6 +195,7 @@ def validate(c: mlc.ConfigDict) -> None:
       fail(key, f"must be >= 1, got {_get(c, key)}")
   if c.data.truncate not in ("error", "left"):
     fail("data.truncate", f"{c.data.truncate!r} must be 'error' or 'left'")
+  _validate_data_source(c, fail)
   if c.model.family not in FAMILIES:
     fail("model.family", f"{c.model.family!r} is not one of {FAMILIES}")
   if c.lora.rank < 0:
@@ -198,7 +211,7 @@ def validate(c: mlc.ConfigDict) -> None:
     path = _get(c, key, "")
     if path and not os.path.exists(path):
       fail(key, f"path {path!r} does not exist")
-  if c.task in ("sft", "reward") and bool(c.data.train) != bool(c.data.eval):
+  if c.task in ("sft", "reward") and not c.data.tfds and bool(c.data.train) != bool(c.data.eval):
     missing = "data.eval" if c.data.train else "data.train"
     fail(missing, "give both data.train and data.eval (or neither, for the built-in synthetic "
          "task)")
@@ -206,7 +219,7 @@ def validate(c: mlc.ConfigDict) -> None:
     if c.reward_model.loss not in ("auto", "pairwise", "pointwise"):
       fail("reward_model.loss", f"{c.reward_model.loss!r} is not 'auto', 'pairwise' or "
            "'pointwise'")
-    if c.data.train and not (c.policy.init or c.reward.init):
+    if (c.data.train or c.data.tfds) and not (c.policy.init or c.reward.init):
       fail("policy.init", "a reward model on your own data needs a checkpoint to start from "
            "(policy.init or reward.init); only the built-in synthetic task trains its own "
            "policy first")
@@ -244,6 +257,43 @@ def validate(c: mlc.ConfigDict) -> None:
     for key in ("epochs", "batch_size", "num_minibatches", "grad_accum"):
       if p[key] < 1:
         fail(f"ppo.{key}", "must be >= 1")
+
+
+def _validate_data_source(c: mlc.ConfigDict, fail) -> None:
+  """data.tfds against the JSONL keys it replaces, and the prompt format keys."""
+  from perl_jax.data import formatting, published
+
+  d = c.data
+  if d.prompt_format not in formatting.FORMATS:
+    fail("data.prompt_format", f"{d.prompt_format!r} is not one of {formatting.FORMATS}")
+  try:
+    formatting.check_template(d.prompt_template)
+  except ValueError as e:
+    fail("data.prompt_template", str(e))
+  if not d.tfds:
+    for key in ("tfds_dir", "tfds_eval_split"):
+      if d[key]:
+        fail(f"data.{key}", "is set but data.tfds (the dataset to read) is not")
+    return
+  if d.tfds not in published.DATASETS:
+    fail("data.tfds", f"unknown dataset {d.tfds!r}; known: {', '.join(published.DATASETS)}")
+  if d.tfds_dir and not os.path.isdir(d.tfds_dir):
+    fail("data.tfds_dir", f"directory {d.tfds_dir!r} does not exist")
+  kind = published.DATASETS[d.tfds][0]
+  replaced = ("prompts",) if c.task == "ppo" else ("train", "eval")
+  for key in replaced:
+    if d[key]:
+      fail(f"data.{key}", f"data.tfds={d.tfds!r} already gives the {c.task} data; set one or "
+           "the other")
+  if c.task == "sft" and kind == "pointwise":
+    fail("data.tfds", f"{d.tfds!r} holds pointwise ratings, not demonstrations for SFT")
+  if c.task == "reward" and c.reward_model.loss not in ("auto", kind):
+    fail("reward_model.loss", f"{c.reward_model.loss!r}, but data.tfds={d.tfds!r} holds "
+         f"{kind} records (use 'auto')")
+  if c.task == "ppo" and not (c.policy.init and c.reward.init):
+    fail("policy.init" if not c.policy.init else "reward.init",
+         f"PPO on data.tfds={d.tfds!r} needs your policy.init and reward.init; only the "
+         "built-in synthetic task trains its own")
 
 
 def _keys(c: mlc.ConfigDict, prefix: str = "") -> list[str]:

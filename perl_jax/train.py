@@ -11,9 +11,11 @@ Bad input
 ---------
 Before any weights are loaded or anything is compiled, `run` checks every input of the run
 (`check_inputs`): the config (unknown keys, values that cannot work together), the workdir
-(writable), every JSONL file (valid JSON, the fields of its schema, non-empty text; every
-prompt and response encoded with the tokenizer the trainer will use, against
-``data.max_prompt_len`` / ``data.max_response_len`` and ``data.truncate``), every checkpoint
+(writable), every JSONL file and every record of a prepared dataset (``data.tfds``: it must
+exist, with the splits asked for) (valid JSON, the fields of its schema, non-empty text; every
+prompt formatted (``data.prompt_format``) and, with every response, encoded with the tokenizer
+the trainer will use, against ``data.max_prompt_len`` / ``data.max_response_len`` and
+``data.truncate``), every checkpoint
 (config.json against its tensor shapes; a perl_jax model directory against its base's
 architecture and fingerprint) and every tokenizer against the models that read its ids.
 
@@ -87,27 +89,27 @@ def run(c, workdir: str) -> dict:
   c = c.copy_and_resolve_references()  # never mutate the caller's config
   config.validate(c)
   _check_writable(workdir)
-  check_inputs(c, workdir)
+  counts = check_inputs(c, workdir)  # prompts data.truncate cuts: the trainers need not recount
   if c.task == "sft":
     from perl_jax.trainers import sft
-    summary = sft.train(c, workdir)
+    summary = sft.train(c, workdir, train_prompts_cut=counts["data.train"])
   elif c.task == "reward":
     from perl_jax.trainers import reward
-    summary = reward.train(c, workdir)
+    summary = reward.train(c, workdir, train_prompts_cut=counts["data.train"])
   else:
-    summary = _ppo_with_prerequisites(c, workdir)
+    summary = _ppo_with_prerequisites(c, workdir, counts["data.prompts"])
   if distributed.is_primary():  # one writer in a multi-host run
     Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   return summary
 
 
-def _ppo_with_prerequisites(c, workdir: str) -> dict:
+def _ppo_with_prerequisites(c, workdir: str, prompts_cut: int) -> dict:
   """PPO; with missing policy/reward/prompts, first builds them from the synthetic task."""
   from perl_jax import config
   from perl_jax.data import synthetic
   from perl_jax.trainers import ppo
 
-  builtin = not (c.policy.init and c.reward.init and c.data.prompts)
+  builtin = not (c.policy.init and c.reward.init and (c.data.prompts or c.data.tfds))
   extra: dict = {}
   gold_fn = None
   if builtin:
@@ -138,7 +140,7 @@ def _ppo_with_prerequisites(c, workdir: str) -> dict:
       reward_summary = _cached_summary(rc, os.path.join(workdir, "reward"))
       c.reward.init = reward_summary["model_dir"]
       extra["reward_model_accuracy"] = reward_summary["accuracy"]
-  summary = ppo.train(c, workdir, gold_fn=gold_fn)
+  summary = ppo.train(c, workdir, gold_fn=gold_fn, prompts_cut=prompts_cut)
   return {**extra, **summary}
 
 
@@ -192,41 +194,28 @@ def check_inputs(c, workdir: str) -> dict[str, int]:
 
 
 def _check_sft(c, workdir: str) -> dict[str, int]:
-  from perl_jax.data import jsonl
+  from perl_jax.data import sources
   from perl_jax.trainers import sft
 
-  train_path, eval_path, synthetic_tokenizer = sft.sft_data_paths(c, workdir)
-  records = {"data.train": jsonl.read_jsonl(train_path, "sft"),
-             "data.eval": jsonl.read_jsonl(eval_path, "sft")}
+  train, evals, synthetic_tokenizer, names = sft.data_records(c, workdir)
   if c.policy.init:
     tokenizer = _checked_tokenizer(c, "policy.init", head="lm")
   else:  # the tokenizer a model trained from scratch gets (fitted to the data if needed)
-    tokenizer = sft.scratch_tokenizer(records["data.train"] + records["data.eval"],
-                                      synthetic_tokenizer, workdir)
-  _check_batch_size(c, "data.batch_size", len(records["data.train"]), train_path)
-  paths = {"data.train": train_path, "data.eval": eval_path}
-  return {key: _encode(c, tokenizer, recs, "sft", paths[key]) for key, recs in records.items()}
+    tokenizer = sft.scratch_tokenizer(sources.materialize(train) + evals, synthetic_tokenizer,
+                                      workdir)
+  _check_batch_size(c, "data.batch_size", len(train), names["data.train"])
+  records = {"data.train": train, "data.eval": evals}
+  return {key: _encode(c, tokenizer, recs, "sft", names[key]) for key, recs in records.items()}
 
 
 def _check_reward(c, workdir: str) -> dict[str, int]:
-  from perl_jax.data import jsonl, synthetic
   from perl_jax.tokenizers import load_tokenizer
+  from perl_jax.trainers import reward
 
-  if c.data.train:
-    train_path, eval_path, prompts_path, synthetic_tokenizer = (c.data.train, c.data.eval,
-                                                                c.data.prompts, None)
-  else:  # the built-in task, as reward.train prepares it
-    paths = synthetic.prepare(os.path.join(workdir, "data"), seed=c.seed)
-    train_path, eval_path, prompts_path, synthetic_tokenizer = (
-        paths["pref_train"], paths["pref_eval"], c.data.prompts or paths["prompts"],
-        paths["tokenizer"])
-  kind = c.reward_model.loss
-  if kind == "auto":
-    kind = jsonl.detect_preference_kind(train_path)
-  records = {"data.train": (train_path, jsonl.read_jsonl(train_path, kind)),
-             "data.eval": (eval_path, jsonl.read_jsonl(eval_path, kind))}
-  if prompts_path:
-    records["data.prompts"] = (prompts_path, jsonl.read_jsonl(prompts_path, "prompts"))
+  kind, train, evals, prompts, synthetic_tokenizer, names = reward.data_records(c, workdir)
+  records = {"data.train": train, "data.eval": evals}
+  if prompts is not None:
+    records["data.prompts"] = prompts
   # The tokenizers reward.train will pick: the reward model's own, else the policy's, else the
   # synthetic task's.
   policy_tokenizer = None
@@ -243,17 +232,18 @@ def _check_reward(c, workdir: str) -> dict[str, int]:
     tokenizer = policy_tokenizer
   else:  # the synthetic SFT policy is trained first, with the synthetic tokenizer
     tokenizer = load_tokenizer(synthetic_tokenizer)
-  _check_batch_size(c, "data.batch_size", len(records["data.train"][1]), train_path)
-  return {key: _encode(c, tokenizer, recs, "prompts" if key == "data.prompts" else kind, path)
-          for key, (path, recs) in records.items()}
+  _check_batch_size(c, "data.batch_size", len(train), names["data.train"])
+  return {key: _encode(c, tokenizer, recs, "prompts" if key == "data.prompts" else kind,
+                       names[key]) for key, recs in records.items()}
 
 
 def _check_ppo(c, workdir: str) -> dict[str, int]:
-  from perl_jax.data import jsonl, synthetic
+  from perl_jax.data import jsonl, sources, synthetic
   from perl_jax.tokenizers import load_tokenizer
+  from perl_jax.trainers import ppo
 
   synthetic_paths = None
-  if not (c.policy.init and c.data.prompts):
+  if not (c.policy.init and (c.data.prompts or c.data.tfds)):
     synthetic_paths = synthetic.prepare(os.path.join(workdir, "data"), seed=c.seed)
   if c.policy.init:
     tokenizer = _checked_tokenizer(c, "policy.init", head="lm")
@@ -263,8 +253,11 @@ def _check_ppo(c, workdir: str) -> dict[str, int]:
   for key in ("reward.init", "value.init"):
     if _get(c, key) and (key == "reward.init" or c.ppo.estimator == "gae"):
       _check_reads_policy_ids(c, key, tokenizer)
-  prompts_path = c.data.prompts or synthetic_paths["prompts"]
-  prompts = jsonl.read_jsonl(prompts_path, "prompts")
+  if c.data.tfds:
+    prompts, prompts_path = ppo.prompt_records(c), sources.name(c, "train")
+  else:
+    prompts_path = c.data.prompts or synthetic_paths["prompts"]
+    prompts = jsonl.read_jsonl(prompts_path, "prompts")
   if len(prompts) < c.ppo.batch_size:
     raise ConfigError(f"config.ppo.batch_size: {c.ppo.batch_size} prompts per iteration, but "
                       f"{prompts_path} holds only {len(prompts)}")
@@ -343,19 +336,25 @@ def _check_batch_size(c, key: str, n: int, path: str) -> None:
                       f"{n} records")
 
 
-def _encode(c, tokenizer: Any, records: list, kind: str, path: str) -> int:
-  """Encodes `records` as the trainer will (every DataError names file:line); returns how many
-  prompts ``data.truncate="left"`` cuts, and logs that count."""
-  from perl_jax.data import jsonl
+def _encode(c, tokenizer: Any, records: Sequence, kind: str, path: str) -> int:
+  """Formats and encodes `records` as the trainer will (every DataError names file:line, or
+  dataset/split[index] and the upstream file:line); returns how many prompts
+  ``data.truncate="left"`` cuts, and logs that count."""
+  import numpy as np
+
+  from perl_jax.data import jsonl, sources
 
   d = c.data
+  fmt = sources.formatter(c, tokenizer)
   if kind == "prompts":
-    _, _, n_cut = jsonl.encode_prompt_batch(tokenizer, records, d.max_prompt_len, d.truncate)
+    encode = lambda recs: {"prompt_truncated_B": np.asarray(jsonl.encode_prompt_batch(
+        tokenizer, fmt.records(recs, kind), d.max_prompt_len, d.truncate)[2])}
   else:
     encoder = {"sft": jsonl.encode_sft, "pairwise": jsonl.encode_pairs,
                "pointwise": jsonl.encode_pointwise}[kind]
-    out = encoder(tokenizer, records, d.max_prompt_len, d.max_response_len, d.truncate)
-    n_cut = int(out["prompt_truncated_B"].sum())
+    encode = lambda recs: encoder(tokenizer, fmt.records(recs, kind), d.max_prompt_len,
+                                  d.max_response_len, d.truncate)
+  n_cut = sources.encode_all(records, encode)
   if n_cut:
     logging.warning("%s: %d of %d prompts are longer than data.max_prompt_len=%d tokens; "
                     "data.truncate='left' keeps their last tokens", path, n_cut, len(records),

@@ -410,12 +410,16 @@ def test_prepare_is_idempotent(tmp_path):
     synthetic.prepare(tmp_path / "d", sizes={"rl": 3})
 
 
-def test_endless_batches_walks_epochs_in_order():
+def test_pipeline_walks_epochs_in_the_order_of_batches():
+  from perl_jax.data.pipeline import Batches
+
   arrays = {"x": np.arange(10)}
-  got = [next(it) for it in [jsonl.endless_batches(arrays, 4, seed=3)] for _ in range(5)]
-  epochs = [e for e, _ in got]
-  assert epochs == [0, 0, 1, 1, 2]  # 10 examples -> 2 full batches per epoch
+  stream = Batches(list(range(10)), lambda recs: {"x": np.asarray(recs)}, 4, seed=3,
+                   process_index=0, process_count=1, prefetch=0).iterate()
+  got = [next(stream) for _ in range(5)]
+  assert [b.epoch for b in got] == [0, 0, 1, 1, 2]  # 10 examples -> 2 full batches per epoch
+  assert [b.position for b in got] == [0, 1, 2, 3, 4]
   for e in (0, 1):
     expected = list(jsonl.batches(arrays, 4, 3, e))
-    np.testing.assert_array_equal(np.concatenate([i for ep, i in got if ep == e]),
+    np.testing.assert_array_equal(np.concatenate([b.arrays["x"] for b in got if b.epoch == e]),
                                   np.concatenate(expected))

@@ -1,5 +1,9 @@
-"""Training data: JSON-lines readers and fixed-shape encoders (`jsonl`), and the embedded
-synthetic default task with a known gold reward (`synthetic`)."""
+"""Training data: JSON-lines readers and fixed-shape encoders (`jsonl`), the embedded synthetic
+default task with a known gold reward (`synthetic`), published RLHF datasets in their released
+formats (`published` parsers, `tfds_builders`, ``python -m perl_jax.data.prepare``), prompt
+formatting with chat templates (`formatting`) and the input pipeline (`pipeline`).
+
+`tfds_builders` imports tensorflow_datasets, so it is not imported here."""
 
 from perl_jax.data.jsonl import (KINDS, DataError, Record, batches, check_record,
                                  detect_preference_kind, encode_pairs, encode_pointwise,

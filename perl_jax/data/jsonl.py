@@ -29,19 +29,23 @@ Design
   text the response follows); the rows cut are returned so the caller can log them. A response
   longer than R is always an error: cutting it would put EOS mid-answer (teaching the model to
   stop early) or score a response different from the one labelled.
-* `batches` yields shuffled index batches that depend only on (seed, epoch), so a resumed run
-  sees the same order, and drops the last incomplete batch (one batch shape, no recompiles).
+* `batches` yields shuffled index batches that depend only on (seed, epoch), in the order the
+  trainers' input pipeline (`perl_jax.data.pipeline`) uses, and drops the last incomplete
+  batch (one batch shape, no recompiles).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from perl_jax.data.pipeline import epoch_order
 from perl_jax.tokenizers import TokenizerError, encode_prompts
 
 PathLike = str | os.PathLike
@@ -118,15 +122,16 @@ def check_record(record: Any, kind: str, where: str) -> Record:
   return Record(fields, where)
 
 
-def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
-  """(1-based line number, parsed value) for every non-blank line of `path`."""
+def json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
+  """(1-based line number, parsed value) for every non-blank line of `path` (gzip if *.gz)."""
   path = Path(path)
   if not path.exists():
     raise DataError(f"{path}: no such file")
   if not path.is_file():
     raise DataError(f"{path}: not a file")
-  with open(path, "rb") as f:  # bytes: a bad encoding is reported with its line number
-    for line_no, raw in enumerate(f, 1):
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:  # bytes: a bad encoding is reported with its line number
+    for line_no, raw in _numbered(f, path):
       try:
         text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # tolerate a leading BOM
       except UnicodeDecodeError as e:
@@ -141,10 +146,20 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
       yield line_no, value
 
 
+def _numbered(f: Any, path: Path) -> Iterator[tuple[int, bytes]]:
+  """(line number, raw line); a damaged gzip stream is a DataError naming the file and line."""
+  line_no = 0
+  try:
+    for line_no, raw in enumerate(f, 1):
+      yield line_no, raw
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    raise DataError(f"{path}:{line_no + 1}: cannot read the compressed file: {e}") from None
+
+
 def read_jsonl(path: PathLike, kind: str) -> list[Record]:
   """Every record of a JSON-lines file, validated against the `kind` schema (see `KINDS`)."""
   _check_kind(kind)
-  records = [check_record(value, kind, f"{path}:{line_no}") for line_no, value in _json_lines(path)]
+  records = [check_record(value, kind, f"{path}:{line_no}") for line_no, value in json_lines(path)]
   if not records:
     raise DataError(f"{path}: no records (the file is empty or has only blank lines)")
   return records
@@ -152,7 +167,7 @@ def read_jsonl(path: PathLike, kind: str) -> list[Record]:
 
 def detect_preference_kind(path: PathLike) -> str:
   """"pairwise" or "pointwise", from the keys of the first record of `path`."""
-  for line_no, value in _json_lines(path):
+  for line_no, value in json_lines(path):
     where = f"{path}:{line_no}"
     if not isinstance(value, dict):
       raise DataError(f"{where}: a record must be a JSON object, got {_json_type(value)}")
@@ -372,9 +387,9 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
             epoch: int) -> Iterator[np.ndarray]:
   """Shuffled index batches (int64 [batch_size]) over the leading axis of `arrays`.
 
-  The order depends only on (seed, epoch). The last incomplete batch is dropped (one shape
-  for jitted steps); a new epoch reshuffles, so every example is still seen. Use `take` to
-  gather a batch.
+  The order depends only on (seed, epoch) (`pipeline.epoch_order`, the trainers' order too).
+  The last incomplete batch is dropped (one shape for jitted steps); a new epoch reshuffles,
+  so every example is still seen. Use `take` to gather a batch.
   """
   n = num_examples(arrays)
   if batch_size < 1:
@@ -382,20 +397,8 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
   if n < batch_size:
     raise ValueError(f"{n} examples are fewer than batch_size={batch_size}: every batch would "
                      "be incomplete and dropped")
-  if seed < 0 or epoch < 0:
-    raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-  order = np.random.default_rng((seed, epoch)).permutation(n)
+  order = epoch_order(n, seed, epoch)
   return iter(order[:n // batch_size * batch_size].reshape(-1, batch_size))
-
-
-def endless_batches(arrays: Mapping[str, np.ndarray], batch_size: int,
-                    seed: int) -> Iterator[tuple[int, np.ndarray]]:
-  """(epoch, indices) forever: the `batches` of epoch 0, then of epoch 1 (reshuffled), ..."""
-  epoch = 0
-  while True:
-    for idx in batches(arrays, batch_size, seed, epoch):
-      yield epoch, idx
-    epoch += 1
 
 
 def take(arrays: Mapping[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,11 +1,12 @@
 """The step loop shared by the SFT and reward trainers: checkpoints, resume, faults, logging.
 
-`run` drives ``step_fn`` (`common.make_train_step`) over endless shuffled batches and owns what
+`run` drives ``step_fn`` (`common.make_train_step`) over shuffled batches and owns what
 every supervised trainer needs around it:
 
 * resume: the latest checkpoint in ``WORKDIR/checkpoints`` (`perl_jax.checkpoint`) restores
-  trainable params, optimizer state and RNG; the data order is a pure function of (seed, epoch),
-  so the data position is the number of batches taken and the iterator is fast-forwarded;
+  trainable params, optimizer state and RNG, and its ``data_position`` (global batches taken)
+  restarts the input pipeline (`perl_jax.data.pipeline.Batches`) exactly there: batch order is
+  a pure function of (seed, position), so nothing before it is read or tokenized again;
 * metrics: a resumed run drops the records the lost steps had written, so each step is logged
   once (`MetricsWriter(keep_below=...)`);
 * faults: a non-finite loss or gradient skips the update (`common.SkipCounter`); SIGTERM finishes
@@ -14,12 +15,13 @@ every supervised trainer needs around it:
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping
 
 import jax
-import numpy as np
 
 from perl_jax import checkpoint
+from perl_jax.data.pipeline import Batches
 from perl_jax.trainers import common
 
 Params = Any
@@ -33,27 +35,33 @@ def lr_at(o: Any, step: int) -> float:
 
 
 def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state: Any,
-        frozen: Params, train_data: Mapping[str, np.ndarray], rng: jax.Array,
+        frozen: Params, train_batches: Batches, rng: jax.Array,
         bases: Mapping[str, str | None], setup_metrics: Mapping[str, float],
         evaluate: Callable[[Params], dict], log_eval: Callable[[Any, int, Params], None],
         progress_keys: tuple[str, ...]) -> tuple[Params, Any, dict, Any]:
   """Steps 1..c.total_iterations (from the latest checkpoint on); returns (trainable,
   opt_state, metrics of the last evaluation, the still open `MetricsWriter`).
 
+  `train_batches` yields the step's batch dicts (exactly the step function's keys).
   `evaluate(trainable)` returns held-out metrics; `log_eval(writer, step, trainable)` writes any
   extra evaluation output (e.g. decoded samples).
   """
-  from perl_jax.data import jsonl
   from perl_jax.metrics import MetricsWriter
+
+  if train_batches.process_count > 1:
+    raise NotImplementedError(
+        f"{train_batches.process_count} processes: the input pipeline shards batches by "
+        "process, but the trainers do not yet assemble the shards into global arrays")
 
   ckpt = checkpoint.Checkpointer(workdir, c, bases)
   skips = common.SkipCounter(c.optimizer.max_consecutive_skips)
-  start = 0
+  start = position = 0
   restored = ckpt.restore({"trainable": trainable, "opt_state": opt_state, "rng": rng})
   if restored is not None:
     state, meta = restored
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
     start, skips.total = meta["step"], meta["skipped_steps"]
+    position = meta["data_position"]
   writer = MetricsWriter(workdir, c.total_iterations, progress=c.progress,
                          progress_keys=progress_keys, keep_below=start + 1 if start else 0)
   if not start:
@@ -65,25 +73,29 @@ def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state
     log_eval(writer, step, trainable)
     return metrics
 
-  order = jsonl.endless_batches(train_data, c.data.batch_size, c.seed)
-  for _ in range(start):  # the data position: batches already taken
-    next(order)
+  stream = train_batches.iterate(start=position)
   eval_metrics: dict = {}
   step = start
+  waited = 0.0  # seconds the loop waited for the input pipeline since the last log line
   with checkpoint.PreemptionGuard() as guard, ckpt:
     for step in range(start + 1, c.total_iterations + 1):
-      epoch, idx = next(order)
-      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen,
-                                              jsonl.take(train_data, idx), rng, step)
+      t0 = time.perf_counter()
+      batch = next(stream)
+      waited += time.perf_counter() - t0
+      position = batch.position + 1
+      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch.arrays, rng,
+                                              step)
       metrics = skips.update(step, metrics)
       last = step == c.total_iterations
       if step % c.log_every == 0 or last:
-        writer.write(step, {**metrics, "lr": lr_at(c.optimizer, step - 1), "epoch": epoch})
+        writer.write(step, {**metrics, "lr": lr_at(c.optimizer, step - 1), "epoch": batch.epoch,
+                            "perf/data_wait_s": waited})
+        waited = 0.0
       if step % c.eval_every == 0 or last:
         eval_metrics = run_eval(step)
       if ckpt.due(step) or last or guard.requested:
         ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
-                  {"data_position": step, "skipped_steps": skips.total})
+                  {"data_position": position, "skipped_steps": skips.total})
       if guard.requested:
         writer.close()
         raise checkpoint.Preempted(step, ckpt.directory)

@@ -355,9 +355,24 @@ def ptx_batch(ptx_data: dict | None, rows: int, rng: np.random.Generator) -> dic
               ptx_loss_mask=ptx_data["loss_mask_BxT"][idx])
 
 
-def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = None) -> dict:
-  """Runs c.total_iterations PPO iterations; returns a summary (gold reward when `gold_fn`)."""
-  from perl_jax.data import jsonl
+def prompt_records(c) -> Any:
+  """The RL prompts: ``data.prompts`` JSONL, or the train split of ``data.tfds`` (lazy)."""
+  from perl_jax.data import jsonl, sources
+
+  if c.data.tfds:
+    return sources.tfds_split(c, "train", "prompts")
+  return jsonl.read_jsonl(c.data.prompts, "prompts")
+
+
+def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = None,
+          prompts_cut: int | None = None) -> dict:
+  """Runs c.total_iterations PPO iterations; returns a summary (gold reward when `gold_fn`).
+
+  `prompts_cut`: the prompts longer than ``data.max_prompt_len``, when
+  `perl_jax.train.check_inputs` has counted them already; None counts them here (one pass).
+  """
+  from perl_jax.data import jsonl, sources
+  from perl_jax.data.pipeline import Batches
   from perl_jax.metrics import MetricsWriter
   from perl_jax.tokenizers import eos_ids
 
@@ -370,16 +385,30 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   models = load_models(c, cache, model_rng)
   policy, value = models.policy, models.value
   eos, pad = eos_ids(tokenizer, policy.cfg), int(tokenizer.pad_token_id)
-  prompts = jsonl.read_jsonl(c.data.prompts, "prompts")
-  prompt_tokens, prompt_mask, n_cut = jsonl.encode_prompt_batch(
-      tokenizer, prompts, c.data.max_prompt_len, c.data.truncate)
+  prompts = prompt_records(c)
   if len(prompts) < c.ppo.batch_size:
     raise ValueError(f"config.ppo.batch_size={c.ppo.batch_size} exceeds the {len(prompts)} "
-                     f"prompts in {c.data.prompts}")
+                     f"prompts in {sources.name(c, 'train', c.data.prompts)}")
+  fmt = sources.formatter(c, tokenizer)
+  encode_prompts = lambda records: jsonl.encode_prompt_batch(
+      tokenizer, fmt.records(records, "prompts"), c.data.max_prompt_len, c.data.truncate)[:2]
+  n_cut = prompts_cut if prompts_cut is not None else sources.prompt_cuts(
+      tokenizer, fmt, prompts, "prompts", c.data.max_prompt_len, c.data.truncate)
+  # The prompts of each iteration come from the input pipeline (epochs of shuffled prompts,
+  # resumable at the checkpoint's data position); evaluation uses a fixed set.
+  prompt_batches = Batches(prompts, lambda records: dict(zip(("tokens", "mask"),
+                                                             encode_prompts(records))),
+                           c.ppo.batch_size, c.seed)
+  if prompt_batches.process_count > 1:
+    raise NotImplementedError("multi-host PPO: the prompt shards are not assembled into global "
+                              "arrays yet")
   eval_rows = np_rng.choice(len(prompts), min(64, len(prompts)), replace=False)
+  eval_prompts = fmt.records(prompt_batches.fetch(eval_rows), "prompts")
+  eval_tokens, eval_mask = encode_prompts(eval_prompts)
   ptx_data = None
   if c.ppo.ptx_coef:
-    ptx_data = jsonl.encode_sft(tokenizer, jsonl.read_jsonl(c.data.train, "sft"),
+    ptx_data = jsonl.encode_sft(tokenizer, fmt.records(jsonl.read_jsonl(c.data.train, "sft"),
+                                                       "sft"),
                                 c.data.max_prompt_len, c.data.max_response_len, c.data.truncate)
   scfg = SamplingConfig(max_new_tokens=c.rollout.max_new_tokens,
                         temperature=c.rollout.temperature, top_k=c.rollout.top_k,
@@ -414,10 +443,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
 
   def evaluate(it: int, rng) -> dict:
     """Reward score, KL to the reference and (synthetic task) gold reward of fresh samples."""
-    rows = eval_rows
     tokens, mask, resp_mask, ended, sampler_logp = rollout(
-        policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], rng,
-        eval_scfg, eos, pad)
+        policy.module, policy_vars(pol_state), eval_tokens, eval_mask, rng, eval_scfg, eos, pad)
     logp, ref_logp, _, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                          reward_affine, value_vars(), tokens, mask, resp_mask,
                                          ended, sampler_logp)
@@ -428,8 +455,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
            "eval/response_length": float(resp_mask.sum(-1).mean())}
     if gold_fn is not None:
       out["eval/gold_reward"] = float(np.mean(gold_fn(texts)))
-    writer.write_samples(it, [dict(prompt=prompts[int(r)]["prompt"], response=t, score=float(s))
-                              for r, t, s in zip(rows[:4], texts, np.asarray(scores))])
+    writer.write_samples(it, [dict(prompt=r["prompt"], response=t, score=float(s))
+                              for r, t, s in zip(eval_prompts[:4], texts, np.asarray(scores))])
     return out
 
   # --- Resume: the latest checkpoint in WORKDIR/checkpoints, if any -----------------------
@@ -441,14 +468,15 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
       "policy": policy.base, "reward": models.reward.base,
       "value": None if value is None else value.base})
   skips = common.SkipCounter(c.optimizer.max_consecutive_skips)
-  evals, episode, start = [], 0, 0
+  evals, episode, start, position = [], 0, 0, 0
   restored = ckpt.restore(state_tree())
   if restored is not None:
     state, meta = restored
     pol_state, val_state = state["policy"], state.get("value")
     rng, kl_state, reward_stats = state["rng"], state["kl"], state["reward_stats"]
-    np_rng.bit_generator.state = meta["numpy_rng"]  # the prompt order (PCG64 state: JSON ints)
+    np_rng.bit_generator.state = meta["numpy_rng"]  # PPO-ptx batches (PCG64 state: JSON ints)
     start, episode, skips.total = meta["step"], meta["episode"], meta["skipped_steps"]
+    position = meta["data_position"]
     evals = [(it, e) for it, e in meta["evals"]]
   # Iteration `it` logs at step `it`: a resumed run drops what iterations >= start had written.
   writer = MetricsWriter(workdir, c.total_iterations, progress=c.progress, keep_below=start,
@@ -460,6 +488,7 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
                          n_train + common.count(policy.frozen))})
 
   # --- Loop: rollout, scoring, advantages, update -----------------------------------------
+  stream = prompt_batches.iterate(start=position)
   with checkpoint.PreemptionGuard() as guard, ckpt:
     for it in range(start, c.total_iterations):
       if it % c.eval_every == 0:
@@ -468,10 +497,11 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
         writer.write(it, evals[-1][1])
       t0 = time.perf_counter()
       rng, k_roll, k_update = jax.random.split(rng, 3)
-      rows = np_rng.choice(len(prompts), c.ppo.batch_size, replace=False)
+      prompt_batch = next(stream)
+      position = prompt_batch.position + 1
       tokens, mask, resp_mask, ended, sampler_logp = rollout(
-          policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], k_roll,
-          scfg, eos, pad)
+          policy.module, policy_vars(pol_state), prompt_batch.arrays["tokens"],
+          prompt_batch.arrays["mask"], k_roll, scfg, eos, pad)
       t_gen = _ready(tokens, t0)
       logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                                 reward_affine, value_vars(), tokens, mask,
@@ -498,8 +528,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
       done = it + 1
       if ckpt.due(done) or done == c.total_iterations or guard.requested:
         ckpt.save(done, state_tree(), {"numpy_rng": np_rng.bit_generator.state,
-                                       "episode": episode, "skipped_steps": skips.total,
-                                       "evals": evals})
+                                       "data_position": position, "episode": episode,
+                                       "skipped_steps": skips.total, "evals": evals})
       if guard.requested:
         writer.close()
         raise checkpoint.Preempted(done, ckpt.directory)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from absl import logging
 from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample
 from perl_jax.trainers import common, loop
-from perl_jax.trainers.sft import dropout_rngs, padded_batches
+from perl_jax.trainers.sft import dropout_rngs, padded_batches, pick
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -221,12 +221,38 @@ def _data(c: Any, workdir: str) -> tuple[str, str, str, str | None]:
       paths["tokenizer"]
 
 
+def data_records(c: Any, workdir: str) -> tuple[str, Sequence, list, list | None, str | None,
+                                                dict[str, str]]:
+  """(kind, train records, eval records, prompt records or None, synthetic tokenizer dir or
+  None, {config key: name}) from ``data.tfds`` (train read lazily), the JSONL files or the
+  synthetic task. Without prompt records, normalisation samples the eval records' prompts."""
+  from perl_jax.data import jsonl, published, sources
+
+  kind = c.reward_model.loss
+  if c.data.tfds:
+    kind = published.DATASETS[c.data.tfds][0]  # validate() checked reward_model.loss against it
+    train = sources.tfds_split(c, "train", kind)
+    evals = sources.materialize(sources.tfds_split(c, "eval", kind))
+    names = {"data.train": sources.name(c, "train"), "data.eval": sources.name(c, "eval")}
+    prompts_path, synthetic_tokenizer = c.data.prompts, None
+  else:
+    train_path, eval_path, prompts_path, synthetic_tokenizer = _data(c, workdir)
+    if kind == "auto":
+      kind = jsonl.detect_preference_kind(train_path)
+    train, evals = jsonl.read_jsonl(train_path, kind), jsonl.read_jsonl(eval_path, kind)
+    names = {"data.train": train_path, "data.eval": eval_path}
+  prompts = None
+  if prompts_path:
+    prompts, names["data.prompts"] = jsonl.read_jsonl(prompts_path, "prompts"), prompts_path
+  return kind, train, evals, prompts, synthetic_tokenizer, names
+
+
 def _synthetic_policy(c: Any, workdir: str) -> str:
   """Trains the synthetic task's SFT policy (sft_config defaults, this config's model)."""
   from perl_jax import config as config_lib
   from perl_jax.trainers import sft
 
-  if c.data.train:
+  if c.data.train or c.data.tfds:
     raise ValueError("config.policy.init: a reward model on your own data needs a checkpoint to "
                      "start from (policy.init or reward.init); only the built-in synthetic task "
                      "trains its own policy first")
@@ -241,13 +267,16 @@ def _synthetic_policy(c: Any, workdir: str) -> str:
 # --- Training -------------------------------------------------------------------------------
 
 
-def train(c: Any, workdir: str) -> dict:
+def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
   """Trains a reward model (c from `config.reward_config()`); see the module docstring.
+
+  `train_prompts_cut`: as for `sft.train` (None: counted here).
 
   Returns ``{'accuracy' (held-out), 'model_dir', 'gain', 'bias', 'policy_init', 'kind',
   'seconds', ...}`` plus the normalisation check (``norm/mean``, ``norm/std``).
   """
-  from perl_jax.data import jsonl
+  from perl_jax.data import jsonl, sources
+  from perl_jax.data.pipeline import Batches
   from perl_jax.tokenizers import eos_ids
 
   t_start = time.perf_counter()
@@ -255,16 +284,14 @@ def train(c: Any, workdir: str) -> dict:
   rng, model_rng, norm_rng = jax.random.split(rng, 3)
 
   # --- Data, model, tokenizer -------------------------------------------------------------
-  train_path, eval_path, prompts_path, synthetic_tokenizer = _data(c, workdir)
+  kind, train_records, eval_records, prompt_records, synthetic_tokenizer, _ = data_records(
+      c, workdir)
   policy_init = c.policy.init
   if not c.reward.init and not policy_init:
     policy_init = _synthetic_policy(c, workdir)
   if c.reward_model.normalize and not policy_init:
     raise ValueError("config.reward_model.normalize needs config.policy.init: the reference "
                      "policy whose samples set the gain and bias")
-  kind = c.reward_model.loss
-  if kind == "auto":
-    kind = jsonl.detect_preference_kind(train_path)
   if kind not in ("pairwise", "pointwise"):
     raise ValueError(f"config.reward_model.loss: {kind!r} is not 'pairwise', 'pointwise' or "
                      "'auto'")
@@ -277,13 +304,18 @@ def train(c: Any, workdir: str) -> dict:
                             cache=cache, rng=model_rng)
   keys = PAIR_KEYS if kind == "pairwise" else POINT_KEYS
   encoder = jsonl.encode_pairs if kind == "pairwise" else jsonl.encode_pointwise
-  encode = lambda records: encoder(tokenizer, records, c.data.max_prompt_len,
+  fmt = sources.formatter(c, tokenizer)
+  logging.info("reward: prompts formatted with %s", fmt.describe())
+  encode = lambda records: encoder(tokenizer, fmt.records(records, kind), c.data.max_prompt_len,
                                    c.data.max_response_len, c.data.truncate)
-  train_records, eval_records = jsonl.read_jsonl(train_path, kind), jsonl.read_jsonl(eval_path,
-                                                                                      kind)
-  train_data, eval_data = encode(train_records), encode(eval_records)
-  n_cut = int(train_data["prompt_truncated_B"].sum() + eval_data["prompt_truncated_B"].sum())
-  train_data, eval_data = ({k: d[k] for k in keys} for d in (train_data, eval_data))
+  eval_data = encode(eval_records)
+  if train_prompts_cut is None:
+    train_prompts_cut = sources.prompt_cuts(tokenizer, fmt, train_records, kind,
+                                            c.data.max_prompt_len, c.data.truncate)
+  n_cut = int(eval_data["prompt_truncated_B"].sum()) + train_prompts_cut
+  eval_data = pick(eval_data, keys)
+  train_batches = Batches(train_records, lambda records: pick(encode(records), keys),
+                          c.data.batch_size, c.seed)
 
   # --- Optimizer and compiled functions ---------------------------------------------------
   optimizer = common.make_optimizer(c.optimizer)
@@ -302,7 +334,7 @@ def train(c: Any, workdir: str) -> dict:
   # --- Loop (resumes from WORKDIR/checkpoints) ---------------------------------------------
   trainable, opt_state, eval_metrics, writer = loop.run(
       c, workdir, step_fn=step_fn, trainable=trainable, opt_state=opt_state, frozen=frozen,
-      train_data=train_data, rng=rng, bases={"reward": model.base},
+      train_batches=train_batches, rng=rng, bases={"reward": model.base},
       setup_metrics={"params/trainable": n_train, "params/trainable_fraction": fraction,
                      "params/prompts_truncated": n_cut},
       evaluate=lambda t: evaluate(scores, common.variables(frozen, t), eval_data, kind,
@@ -313,10 +345,9 @@ def train(c: Any, workdir: str) -> dict:
   gain, bias, check = 1.0, 0.0, {}
   if c.reward_model.normalize:
     ref_module, ref_vars = reference_policy(policy_init, cache)
-    prompt_records = (jsonl.read_jsonl(prompts_path, "prompts") if prompts_path
-                      else [{"prompt": r["prompt"]} for r in eval_records])
     prompt_BxP, prompt_mask_BxP, _ = jsonl.encode_prompt_batch(
-        tokenizer, prompt_records, c.data.max_prompt_len, c.data.truncate)
+        tokenizer, fmt.records(prompt_records or eval_records, "prompts"),
+        c.data.max_prompt_len, c.data.truncate)
     tokens_NxT, mask_NxT = reference_samples(
         ref_module, ref_vars, prompt_BxP, prompt_mask_BxP, c.reward.num_samples_for_norm,
         c.data.max_response_len + 1, norm_rng, eos_ids(tokenizer, ref_module.cfg),

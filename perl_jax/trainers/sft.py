@@ -20,15 +20,19 @@ Design
   run on a checkpoint also saves its adapters (`common.save_model`) to ``workdir/model``, for
   ``python -m perl_jax.export --format=peft``.
 
-The helpers `padded_batches` and `sft_data_paths` are
-shared with the reward trainer.
+* Data comes from JSONL files, a published dataset (``data.tfds``, read lazily), or the
+  synthetic task (`data_records`); prompts are formatted (`perl_jax.data.formatting`) and
+  batches encoded on the fly by the input pipeline (`perl_jax.data.pipeline`), which also
+  resumes at the checkpoint's data position.
+
+The helpers `padded_batches` and `sft_data_paths` are shared with the reward trainer.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +122,25 @@ def padded_batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.nda
     yield np.where(valid, idx, 0), valid
 
 
+def data_records(c: Any, workdir: str) -> tuple[Sequence, list, str | None, dict[str, str]]:
+  """(train records, eval records, synthetic tokenizer dir or None, {config key: name}) from
+  ``data.tfds`` (train read lazily), the JSONL files, or the synthetic task."""
+  from perl_jax.data import jsonl, sources
+
+  if c.data.tfds:
+    train = sources.tfds_split(c, "train", "sft")
+    evals = sources.materialize(sources.tfds_split(c, "eval", "sft"))
+    return train, evals, None, {"data.train": sources.name(c, "train"),
+                                "data.eval": sources.name(c, "eval")}
+  train_path, eval_path, synthetic_tokenizer = sft_data_paths(c, workdir)
+  return (jsonl.read_jsonl(train_path, "sft"), jsonl.read_jsonl(eval_path, "sft"),
+          synthetic_tokenizer, {"data.train": train_path, "data.eval": eval_path})
+
+
+def pick(arrays: dict, keys: Sequence[str]) -> dict:
+  return {k: arrays[k] for k in keys}
+
+
 def sft_data_paths(c: Any, workdir: str) -> tuple[str, str, str | None]:
   """(train, eval, synthetic tokenizer dir or None): the files given, or the synthetic task."""
   if bool(c.data.train) != bool(c.data.eval):
@@ -132,7 +155,7 @@ def sft_data_paths(c: Any, workdir: str) -> tuple[str, str, str | None]:
   return paths["sft_train"], paths["sft_eval"], paths["tokenizer"]
 
 
-def scratch_tokenizer(records: list[dict], synthetic_dir: str | None, workdir: str) -> Any:
+def scratch_tokenizer(records: Sequence[dict], synthetic_dir: str | None, workdir: str) -> Any:
   """The tokenizer of a model trained from scratch: the synthetic task's word-level one when
   it encodes every record without <unk> (the synthetic task, wherever its files are), else a
   byte-level BPE fitted to the records (any text), saved under ``workdir/tokenizer``."""
@@ -175,12 +198,16 @@ def greedy_samples(module: Any, variables: dict, tokenizer: Any, records: list[d
 # --- Training -------------------------------------------------------------------------------
 
 
-def train(c: Any, workdir: str) -> dict:
+def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
   """Runs `c.total_iterations` SFT steps (c from `config.sft_config()`); see the module doc.
+
+  `train_prompts_cut`: the training prompts longer than ``data.max_prompt_len``, when
+  `perl_jax.train.check_inputs` has counted them already; None counts them here (one pass).
 
   Returns ``{'eval_loss', 'eval_accuracy', 'hf_dir', 'trainable_params', 'seconds'}``.
   """
-  from perl_jax.data import jsonl
+  from perl_jax.data import jsonl, sources
+  from perl_jax.data.pipeline import Batches
   from perl_jax.models import save_hf_checkpoint
 
   t_start = time.perf_counter()
@@ -188,26 +215,32 @@ def train(c: Any, workdir: str) -> dict:
   rng, model_rng = jax.random.split(rng)
 
   # --- Data, tokenizer, model -------------------------------------------------------------
-  train_path, eval_path, synthetic_tokenizer = sft_data_paths(c, workdir)
-  train_records = jsonl.read_jsonl(train_path, "sft")
-  eval_records = jsonl.read_jsonl(eval_path, "sft")
+  train_records, eval_records, synthetic_tokenizer, _ = data_records(c, workdir)
   cache = common.BaseCache(c.dtype)
   lcfg = common.lora_from_config(c.lora)
   if c.policy.init:
     tokenizer = common.checked_tokenizer(c.policy.init)  # before anything compiles
     model = common.load_model(c.policy.init, head="lm", lora=lcfg, cache=cache, rng=model_rng)
   else:
-    tokenizer = scratch_tokenizer(train_records + eval_records, synthetic_tokenizer, workdir)
+    tokenizer = scratch_tokenizer(sources.materialize(train_records) + eval_records,
+                                  synthetic_tokenizer, workdir)
     scratch = common.scratch_config(c, vocab_size=len(tokenizer),
                                     special=_special_ids(tokenizer), dtype=c.dtype)
     model = common.load_model("", head="lm", lora=lcfg, cache=cache, rng=model_rng,
                               scratch=scratch)
-  encode = lambda records: jsonl.encode_sft(tokenizer, records, c.data.max_prompt_len,
-                                            c.data.max_response_len, c.data.truncate)
-  train_data, eval_data = encode(train_records), encode(eval_records)
-  n_cut = int(train_data["prompt_truncated_B"].sum() + eval_data["prompt_truncated_B"].sum())
-  train_data = {k: train_data[k] for k in SFT_KEYS}
-  eval_data = {k: eval_data[k] for k in SFT_KEYS}
+  fmt = sources.formatter(c, tokenizer)
+  logging.info("SFT: prompts formatted with %s", fmt.describe())
+  encode = lambda records: jsonl.encode_sft(tokenizer, fmt.records(records, "sft"),
+                                            c.data.max_prompt_len, c.data.max_response_len,
+                                            c.data.truncate)
+  eval_data = encode(eval_records)
+  if train_prompts_cut is None:
+    train_prompts_cut = sources.prompt_cuts(tokenizer, fmt, train_records, "sft",
+                                            c.data.max_prompt_len, c.data.truncate)
+  n_cut = int(eval_data["prompt_truncated_B"].sum()) + train_prompts_cut
+  eval_data = pick(eval_data, SFT_KEYS)
+  train_batches = Batches(train_records, lambda records: pick(encode(records), SFT_KEYS),
+                          c.data.batch_size, c.seed)
 
   # --- Optimizer and compiled functions ---------------------------------------------------
   optimizer = common.make_optimizer(c.optimizer)
@@ -221,7 +254,7 @@ def train(c: Any, workdir: str) -> dict:
   fraction = n_train / (n_train + n_frozen)
   logging.info("SFT: %d trainable parameters (%.4f%% of %d)%s", n_train, 100 * fraction,
                n_train + n_frozen, f", LoRA rank {lcfg.rank}" if lcfg else ", full fine-tuning")
-  shown = eval_records[:NUM_LOGGED_SAMPLES]
+  shown = fmt.records(eval_records[:NUM_LOGGED_SAMPLES], "sft")
 
   def log_samples(writer, step: int, trainable: Params) -> None:
     writer.write_samples(step, greedy_samples(
@@ -231,7 +264,7 @@ def train(c: Any, workdir: str) -> dict:
   # --- Loop (resumes from WORKDIR/checkpoints) ---------------------------------------------
   trainable, opt_state, eval_metrics, writer = loop.run(
       c, workdir, step_fn=step_fn, trainable=trainable, opt_state=opt_state, frozen=frozen,
-      train_data=train_data, rng=rng, bases={"policy": model.base},
+      train_batches=train_batches, rng=rng, bases={"policy": model.base},
       setup_metrics={"params/trainable": n_train, "params/trainable_fraction": fraction,
                      "params/prompts_truncated": n_cut},
       evaluate=lambda t: evaluate(eval_fn, t, frozen, eval_data, c.data.batch_size),
