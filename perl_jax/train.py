@@ -56,7 +56,7 @@ from typing import Any, NoReturn, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from perl_jax import distributed
+from perl_jax import distributed, host
 from perl_jax.config import ConfigError
 from perl_jax.data.jsonl import DataError
 from perl_jax.models.hf import CheckpointError
@@ -452,6 +452,7 @@ def main(argv: Sequence[str]) -> int:
     logging.info("jax.distributed: %s", plan.reason)
     if not distributed.is_primary():  # one copy of the logs, from process 0
       logging.set_verbosity(logging.WARNING)
+  host.trim_after_compiles()  # compiler heap back to the OS after each compile (peak RSS)
   return cli(c, workdir)
 
 

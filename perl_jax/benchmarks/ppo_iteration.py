@@ -170,14 +170,13 @@ def _device_peak_mb() -> float | None:
 
 def _trimmed_rss_mb() -> float | None:
   """Current RSS after glibc's malloc_trim(0): what remains once freed heap is returned."""
-  try:
-    import ctypes
-    import psutil
+  from perl_jax import host
 
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return psutil.Process().memory_info().rss / 2 ** 20
-  except (ImportError, OSError, AttributeError):
+  try:
+    import psutil
+  except ImportError:
     return None
+  return psutil.Process().memory_info().rss / 2 ** 20 if host.trim() else None
 
 
 def _temp_mb(compiled) -> float | None:
@@ -201,7 +200,7 @@ def _gflop(compiled) -> float | None:
 
 def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, new_tokens: int,
             dtype: str, warmup: int, iters: int, seed: int, log_compiles: bool,
-            flops: bool) -> dict[str, Any]:
+            flops: bool, trim: bool = True) -> dict[str, Any]:
   """Builds the PPO pieces as `ppo.train` does and times `iters` iterations after `warmup`."""
   mem_start = _rss_mb()
   import functools
@@ -215,6 +214,10 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
   from perl_jax.tokenizers import check_vocab, encode_prompts, eos_ids, load_tokenizer
   from perl_jax.trainers import common, ppo
 
+  if trim:
+    from perl_jax import host
+
+    host.trim_after_compiles()  # as perl_jax.train does
   mem_import = _rss_mb()
   c = config.ppo_config()
   lora_block(c)
@@ -488,7 +491,7 @@ def _child(args: argparse.Namespace) -> None:
   result = measure(args.policy_dir, args.reward_dir, batch=args.batch,
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
                    warmup=args.warmup, iters=args.iters, seed=args.seed,
-                   log_compiles=args.log_compiles, flops=args.flops)
+                   log_compiles=args.log_compiles, flops=args.flops, trim=args.trim)
   print(_RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -498,7 +501,8 @@ def _run_isolated(args: argparse.Namespace, policy_dir: str, reward_dir: str, ba
          f"--policy_dir={policy_dir}", f"--reward_dir={reward_dir}", f"--batch={batch}",
          f"--prompt_len={args.prompt_len}", f"--new_tokens={new_tokens}",
          f"--dtype={args.dtype}", f"--warmup={args.warmup}", f"--iters={args.iters}",
-         f"--seed={args.seed}", "--flops" if args.flops else "--no-flops"]
+         f"--seed={args.seed}", "--flops" if args.flops else "--no-flops",
+         "--trim" if args.trim else "--no-trim"]
   if args.log_compiles:
     cmd.append("--log_compiles")
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -531,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="one subprocess per configuration (clean peak-memory figures)")
   parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                       help="XLA cost analysis of each phase (compiles the programs once more)")
+  parser.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
+                      help="malloc_trim after each compile, as perl_jax.train does (perl_jax.host)")
   parser.add_argument("--log_compiles", action="store_true",
                       help="set jax_log_compiles during the timed iterations")
   parser.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")

@@ -126,7 +126,7 @@ class BaseCache:
     key = os.path.realpath(path)
     if key not in self._loaded:
       cfg, params = load_hf_checkpoint(path, dtype=self.dtype)
-      self._loaded[key] = (cfg, jax.tree.map(jnp.asarray, params))
+      self._loaded[key] = (cfg, jax.device_put(params))  # one transfer, no per-shape programs
     return self._loaded[key]
 
 
