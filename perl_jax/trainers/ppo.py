@@ -216,8 +216,10 @@ def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
                                      temperature, rngs)
     pg, pg_metrics = rl.policy_loss(logp, mb["logp"], mb["adv"], mask, p.clip_eps,
                                     p.dual_clip or None)
-    entropy = rl.entropy_from_logits(logits, mask, temperature)
-    loss = pg - p.entropy_coef * entropy
+    # Without an entropy bonus the entropy is a metric only: no backward pass through it.
+    entropy = rl.entropy_from_logits(logits if p.entropy_coef else jax.lax.stop_gradient(logits),
+                                     mask, temperature)
+    loss = pg - p.entropy_coef * entropy if p.entropy_coef else pg
     metrics = {"loss/policy_avg": pg, "policy/entropy_avg": entropy,
                "policy/approxkl_avg": pg_metrics["approxkl"],
                "policy/clipfrac_avg": pg_metrics["clipfrac"], "val/ratio": pg_metrics["ratio"],
