@@ -36,13 +36,16 @@ def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state
         frozen: Params, train_data: Mapping[str, np.ndarray], rng: jax.Array,
         bases: Mapping[str, str | None], setup_metrics: Mapping[str, float],
         evaluate: Callable[[Params], dict], log_eval: Callable[[Any, int, Params], None],
-        progress_keys: tuple[str, ...]) -> tuple[Params, Any, dict, Any]:
+        progress_keys: tuple[str, ...], layout: Any = None) -> tuple[Params, Any, dict, Any]:
   """Steps 1..c.total_iterations (from the latest checkpoint on); returns (trainable,
   opt_state, metrics of the last evaluation, the still open `MetricsWriter`).
 
   `evaluate(trainable)` returns held-out metrics; `log_eval(writer, step, trainable)` writes any
-  extra evaluation output (e.g. decoded samples).
+  extra evaluation output (e.g. decoded samples). With a `layout` (`trainers.layout.Layout`)
+  each batch is split over its ('data', 'fsdp') axes; the state arrays come placed, and a
+  checkpoint restores into their shardings.
   """
+  place_batch = (lambda b: b) if layout is None else layout.shard_batch
   from perl_jax.data import jsonl
   from perl_jax.metrics import MetricsWriter
 
@@ -74,7 +77,7 @@ def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state
     for step in range(start + 1, c.total_iterations + 1):
       epoch, idx = next(order)
       trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen,
-                                              jsonl.take(train_data, idx), rng, step)
+                                              place_batch(jsonl.take(train_data, idx)), rng, step)
       metrics = skips.update(step, metrics)
       last = step == c.total_iterations
       if step % c.log_every == 0 or last:

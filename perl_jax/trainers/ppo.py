@@ -40,6 +40,7 @@ from perl_jax import checkpoint, rl
 from perl_jax import lora as lora_lib
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
 from perl_jax.trainers import common
+from perl_jax.trainers.layout import Layout
 from perl_jax.trainers.reward import last_token
 
 Params = Any
@@ -333,7 +334,15 @@ def ptx_batch(ptx_data: dict | None, rows: int, rng: np.random.Generator) -> dic
 
 
 def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = None) -> dict:
-  """Runs c.total_iterations PPO iterations; returns a summary (gold reward when `gold_fn`)."""
+  """Runs c.total_iterations PPO iterations on the mesh of `config.mesh` (`trainers.layout`);
+  returns a summary (gold reward when `gold_fn`)."""
+  layout = Layout.from_config(c)
+  with layout.activate():
+    return _train(c, workdir, gold_fn, layout)
+
+
+def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
+           layout: Layout) -> dict:
   from perl_jax.data import jsonl
   from perl_jax.metrics import MetricsWriter
   from perl_jax.tokenizers import eos_ids
@@ -343,7 +352,7 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   rng, model_rng = jax.random.split(rng)
   np_rng = np.random.default_rng(c.seed)
   tokenizer = common.checked_tokenizer(c.policy.init)  # before anything compiles
-  cache = common.BaseCache(c.dtype)
+  cache = common.BaseCache(c.dtype, layout)  # every model placed on the mesh as it loads
   models = load_models(c, cache, model_rng)
   policy, value = models.policy, models.value
   eos, pad = eos_ids(tokenizer, policy.cfg), int(tokenizer.pad_token_id)
@@ -353,7 +362,9 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   if len(prompts) < c.ppo.batch_size:
     raise ValueError(f"config.ppo.batch_size={c.ppo.batch_size} exceeds the {len(prompts)} "
                      f"prompts in {c.data.prompts}")
-  eval_rows = np_rng.choice(len(prompts), min(64, len(prompts)), replace=False)
+  n_eval = min(64, len(prompts))
+  n_eval -= n_eval % layout.batch_shards  # >= batch_shards, which divides ppo.batch_size
+  eval_rows = np_rng.choice(len(prompts), n_eval, replace=False)
   ptx_data = None
   if c.ppo.ptx_coef:
     ptx_data = jsonl.encode_sft(tokenizer, jsonl.read_jsonl(c.data.train, "sft"),
@@ -365,9 +376,9 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   eval_scfg = dataclasses.replace(scfg, num_samples=1)
   policy_opt = common.make_optimizer(c.optimizer)
   value_opt = common.make_optimizer(c.optimizer, lr=c.ppo.value_lr or None)
-  pol_state = TrainState(policy.trainable, policy_opt.init(policy.trainable))
-  val_state = None if value is None else TrainState(value.trainable,
-                                                    value_opt.init(value.trainable))
+  pol_state = TrainState(policy.trainable, layout.init_opt_state(policy_opt, policy.trainable))
+  val_state = None if value is None else TrainState(
+      value.trainable, layout.init_opt_state(value_opt, value.trainable))
   frozen = {"policy": policy.frozen, "value": None if value is None else value.frozen}
   ref_vars = {"params": models.reference_params}
   reward_vars = models.reward.variables()
@@ -393,8 +404,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
     """Reward score, KL to the reference and (synthetic task) gold reward of fresh samples."""
     rows = eval_rows
     tokens, mask, resp_mask, ended, sampler_logp = rollout(
-        policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], rng,
-        eval_scfg, eos, pad)
+        policy.module, policy_vars(pol_state),
+        *layout.shard_batch((prompt_tokens[rows], prompt_mask[rows])), rng, eval_scfg, eos, pad)
     logp, ref_logp, _, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                          reward_affine, value_vars(), tokens, mask, resp_mask,
                                          ended, sampler_logp)
@@ -447,8 +458,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
       rng, k_roll, k_update = jax.random.split(rng, 3)
       rows = np_rng.choice(len(prompts), c.ppo.batch_size, replace=False)
       tokens, mask, resp_mask, ended, sampler_logp = rollout(
-          policy.module, policy_vars(pol_state), prompt_tokens[rows], prompt_mask[rows], k_roll,
-          scfg, eos, pad)
+          policy.module, policy_vars(pol_state),
+          *layout.shard_batch((prompt_tokens[rows], prompt_mask[rows])), k_roll, scfg, eos, pad)
       t_gen = _ready(tokens, t0)
       logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                                 reward_affine, value_vars(), tokens, mask,
@@ -456,8 +467,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
       t_score = _ready(scores, t0 + t_gen)
       batch = Rollout(tokens, mask, resp_mask, ended, logp, ref_logp, values, scores)
       adv, returns, reward_stats, metrics = advantages_fn(batch, kl_state, reward_stats)
-      data = {**rollout_arrays(batch, adv, returns),
-              **ptx_batch(ptx_data, tokens.shape[0], np_rng)}
+      data = layout.shard_batch({**rollout_arrays(batch, adv, returns),
+                                 **ptx_batch(ptx_data, tokens.shape[0], np_rng)})
       for epoch in range(c.ppo.epochs):
         pol_state, val_state, update_metrics = update_fn(
             pol_state, val_state, frozen, data, jax.random.fold_in(k_update, epoch),

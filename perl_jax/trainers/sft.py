@@ -39,6 +39,7 @@ from absl import logging
 from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample
 from perl_jax.trainers import common, loop
+from perl_jax.trainers.layout import Layout
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -178,8 +179,15 @@ def greedy_samples(module: Any, variables: dict, tokenizer: Any, records: list[d
 def train(c: Any, workdir: str) -> dict:
   """Runs `c.total_iterations` SFT steps (c from `config.sft_config()`); see the module doc.
 
-  Returns ``{'eval_loss', 'eval_accuracy', 'hf_dir', 'trainable_params', 'seconds'}``.
+  Runs on the mesh of `config.mesh` (`trainers.layout`). Returns ``{'eval_loss',
+  'eval_accuracy', 'hf_dir', 'trainable_params', 'seconds'}``.
   """
+  layout = Layout.from_config(c)
+  with layout.activate():
+    return _train(c, workdir, layout)
+
+
+def _train(c: Any, workdir: str, layout: Layout) -> dict:
   from perl_jax.data import jsonl
   from perl_jax.models import save_hf_checkpoint
 
@@ -191,7 +199,7 @@ def train(c: Any, workdir: str) -> dict:
   train_path, eval_path, synthetic_tokenizer = sft_data_paths(c, workdir)
   train_records = jsonl.read_jsonl(train_path, "sft")
   eval_records = jsonl.read_jsonl(eval_path, "sft")
-  cache = common.BaseCache(c.dtype)
+  cache = common.BaseCache(c.dtype, layout)
   lcfg = common.lora_from_config(c.lora)
   if c.policy.init:
     tokenizer = common.checked_tokenizer(c.policy.init)  # before anything compiles
@@ -213,9 +221,10 @@ def train(c: Any, workdir: str) -> dict:
   optimizer = common.make_optimizer(c.optimizer)
   frozen = model.frozen
   trainable = jax.tree.map(jnp.copy, model.trainable)  # donated below: never alias the model's
-  opt_state = optimizer.init(trainable)
+  opt_state = layout.init_opt_state(optimizer, trainable)
   step_fn = make_train_step(model.module, optimizer)
-  eval_fn = make_eval_fn(model.module)
+  per_row = make_eval_fn(model.module)
+  eval_fn = lambda trainable, frozen, batch: per_row(trainable, frozen, layout.shard_batch(batch))
 
   n_train, n_frozen = common.count(trainable), common.count(frozen)
   fraction = n_train / (n_train + n_frozen)
@@ -235,7 +244,7 @@ def train(c: Any, workdir: str) -> dict:
       setup_metrics={"params/trainable": n_train, "params/trainable_fraction": fraction,
                      "params/prompts_truncated": n_cut},
       evaluate=lambda t: evaluate(eval_fn, t, frozen, eval_data, c.data.batch_size),
-      log_eval=log_samples, progress_keys=("loss", "accuracy", "eval/loss"))
+      log_eval=log_samples, progress_keys=("loss", "accuracy", "eval/loss"), layout=layout)
   writer.close()
 
   # --- Save: merged HF checkpoint + tokenizer ---------------------------------------------
