@@ -68,11 +68,6 @@ class Layout:
     log.info("layout: %s", layout)
     return layout
 
-  @classmethod
-  def single_device(cls, device: jax.Device | None = None) -> Layout:
-    """A 1 x 1 x 1 mesh on one device (default: the first)."""
-    return cls(sharding.make_mesh(1, 1, 1, devices=[device or jax.devices()[0]]))
-
   def __str__(self) -> str:
     return (" x ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
             + f" on {self.mesh.devices.size} {self.mesh.devices.flat[0].platform} device(s)")

@@ -362,8 +362,8 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
   if len(prompts) < c.ppo.batch_size:
     raise ValueError(f"config.ppo.batch_size={c.ppo.batch_size} exceeds the {len(prompts)} "
                      f"prompts in {c.data.prompts}")
-  n_eval = min(64, len(prompts))
-  n_eval -= n_eval % layout.batch_shards  # >= batch_shards, which divides ppo.batch_size
+  shards = layout.batch_shards  # divides ppo.batch_size <= len(prompts)
+  n_eval = max(min(64, len(prompts)) // shards, 1) * shards
   eval_rows = np_rng.choice(len(prompts), n_eval, replace=False)
   ptx_data = None
   if c.ppo.ptx_coef:
