@@ -176,7 +176,7 @@ def _ppo_run(assets, monkeypatch, name: str, mesh: dict, **keys):
   ppo.train(_ppo_config(assets, mesh, **keys), str(workdir))
   monkeypatch.undo()
   (args, (pol, val, _)), = calls  # one iteration, one epoch: one update
-  return workdir, args[2], pol, val  # frozen trees, updated policy and value states
+  return workdir, args[2], pol, val, args[3]  # frozen trees, updated states, the rollout batch
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +188,12 @@ def ppo_one_device(assets):
 @pytest.mark.parametrize("mesh", [FSDP, TENSOR, MIXED], ids=["fsdp8", "fsdp2_tensor4",
                                                              "data2_fsdp2_tensor2"])
 def test_ppo_iteration_matches_one_device(assets, ppo_one_device, monkeypatch, mesh):
-  one_dir, _, one_pol, one_val = ppo_one_device
+  one_dir, _, one_pol, one_val, _ = ppo_one_device
   name = "ppo_" + "_".join(f"{k}{v}" for k, v in mesh.items())
-  workdir, frozen, pol, val = _ppo_run(assets, monkeypatch, name, mesh)
+  workdir, frozen, pol, val, batch = _ppo_run(assets, monkeypatch, name, mesh)
   fsdp, tensor = mesh["fsdp"], mesh["tensor"]
+  rows = {shape[0] for shape in _assert_placed(batch, mesh).values()}
+  assert rows == {8 // (mesh["data"] * fsdp)}  # 8 responses split over data x fsdp
   # Really split: the frozen base, the adapters and Adam's moments, on all 8 devices.
   base = _assert_placed(frozen["policy"], mesh)
   assert base["params/layers_0/attn/q/kernel"] == (32 // fsdp, 4 // tensor, 8)
@@ -215,8 +217,8 @@ def test_ppo_iteration_matches_one_device(assets, ppo_one_device, monkeypatch, m
 def test_grpo_iteration_matches_one_device(assets, monkeypatch):
   """Critic-free (no value model), 2 samples per prompt, 2 minibatches."""
   keys = dict(ppo__estimator="grpo", rollout__num_samples=2, ppo__num_minibatches=2)
-  one_dir, _, one_pol, no_value = _ppo_run(assets, monkeypatch, "grpo_one", ONE, **keys)
-  workdir, frozen, pol, _ = _ppo_run(assets, monkeypatch, "grpo_mixed", MIXED, **keys)
+  one_dir, _, one_pol, no_value, _ = _ppo_run(assets, monkeypatch, "grpo_one", ONE, **keys)
+  workdir, frozen, pol, _, _ = _ppo_run(assets, monkeypatch, "grpo_mixed", MIXED, **keys)
   assert no_value is None
   assert _assert_placed(frozen["policy"], MIXED)["params/lm_head/kernel"] == (16, VOCAB // 2)
   assert _assert_placed(pol.trainable, MIXED)["lora/layers_0/mlp/down/b"] == (8, 16)

@@ -45,9 +45,10 @@ def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state
   each batch is split over its ('data', 'fsdp') axes; the state arrays come placed, and a
   checkpoint restores into their shardings.
   """
-  place_batch = (lambda b: b) if layout is None else layout.shard_batch
   from perl_jax.data import jsonl
   from perl_jax.metrics import MetricsWriter
+
+  place_batch = (lambda b: b) if layout is None else layout.shard_batch
 
   ckpt = checkpoint.Checkpointer(workdir, c, bases)
   skips = common.SkipCounter(c.optimizer.max_consecutive_skips)
