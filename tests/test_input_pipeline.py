@@ -15,6 +15,7 @@ from perl_jax import config, train
 from perl_jax.data import tfds_builders
 from perl_jax.data.jsonl import DataError
 from perl_jax.data.pipeline import Batches, epoch_order
+from tests.helpers import one_device
 from tests.test_datasets import HH_ROWS, write_jsonl
 
 
@@ -142,7 +143,7 @@ def prepared(tmp_path_factory):
 
 
 def sft_config(root, steps: int):
-  c = config.sft_config()
+  c = one_device(config.sft_config())
   c.data.tfds, c.data.tfds_dir = "tldr_sft", str(root / "tfds")
   c.data.max_prompt_len, c.data.max_response_len, c.data.batch_size = 48, 12, 4
   c.total_iterations, c.log_every, c.eval_every, c.progress = steps, 1, 100, False
@@ -168,7 +169,7 @@ def test_sft_reward_and_ppo_inputs_from_prepared_datasets(prepared, tmp_path):
   samples = json.loads(open(tmp_path / "sft" / "samples.jsonl").readline())["samples"]
   assert samples[0]["prompt"].startswith("SUBREDDIT: r/pets\nTITLE: my cat")  # plain layout
 
-  c = config.reward_config()
+  c = one_device(config.reward_config())
   c.policy.init = sft["hf_dir"]
   c.data.tfds, c.data.tfds_dir = "hh_rlhf", str(prepared / "tfds")
   c.data.max_prompt_len, c.data.max_response_len, c.data.batch_size = 96, 24, 4
@@ -178,7 +179,7 @@ def test_sft_reward_and_ppo_inputs_from_prepared_datasets(prepared, tmp_path):
   assert out["kind"] == "pairwise" and 0.0 <= out["accuracy"] <= 1.0
 
   # PPO takes the prompts of the train split; check_inputs reads and encodes all of them.
-  p = config.ppo_config()
+  p = one_device(config.ppo_config())
   p.policy.init, p.reward.init = sft["hf_dir"], out["model_dir"]
   p.data.tfds, p.data.tfds_dir, p.data.max_prompt_len = "hh_rlhf", str(prepared / "tfds"), 96
   p.ppo.batch_size = 4

@@ -34,6 +34,7 @@ from safetensors.numpy import load_file
 
 from perl_jax import checkpoint, config, lora
 from perl_jax.data import synthetic
+from perl_jax.data.pipeline import Batches
 from perl_jax.models import Transformer, save_hf_checkpoint
 from perl_jax.trainers import common, layout as layout_lib, ppo, reward, sft
 from tests.helpers import random_adapters, random_params
@@ -295,13 +296,17 @@ def test_loop_resumes_into_the_sharded_layout(assets, tmp_path):
   c, lay, model, trainable, opt_state, step, data = _step_setup(assets, MIXED, "sft")
   c.data.batch_size, c.checkpoint.asynchronous, c.log_every, c.eval_every = 8, False, 1, 1
   fresh = lambda: jax.tree.map(jnp.copy, (trainable, opt_state))  # the steps donate theirs
+  # The encoded arrays as pipeline records: one dict per row, stacked back into a batch.
+  rows = [{k: v[i] for k, v in data.items()} for i in range(len(data["tokens_BxT"]))]
+  stack = lambda records: {k: np.stack([r[k] for r in records]) for k in data}
 
   def run(workdir, steps):
     c.total_iterations = steps
     start_trainable, start_opt_state = fresh()
     with lay.activate():
       return loop.run(c, str(workdir), step_fn=step, trainable=start_trainable,
-                      opt_state=start_opt_state, frozen=model.frozen, train_data=data,
+                      opt_state=start_opt_state, frozen=model.frozen,
+                      train_batches=Batches(rows, stack, c.data.batch_size, c.seed),
                       rng=jax.random.PRNGKey(3), bases={}, setup_metrics={},
                       evaluate=lambda t: {}, log_eval=lambda *a: None, progress_keys=(),
                       layout=lay)
