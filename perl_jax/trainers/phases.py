@@ -93,7 +93,10 @@ def check_config(c: Any, num_devices: int) -> dict[str, dict[str, int] | None]:
       if phase == "train":  # microbatches split too (as config.check_mesh for config.mesh)
         sub = c.copy_and_resolve_references()
         sub.mesh.update(sizes)
-        check_mesh(sub, num_devices)
+        try:
+          check_mesh(sub, num_devices)
+        except ConfigError as e:
+          raise ConfigError(f"config.{key}: {c.phase_mesh[phase]!r}: {e}") from None
     out[phase] = sizes
   if c.layouts == "auto" and c.phase_mesh.auto_candidates < 1:
     raise ConfigError("config.phase_mesh.auto_candidates: must be >= 1")
