@@ -32,7 +32,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from perl_jax import sharding
 from perl_jax.trainers import phases
@@ -144,9 +143,7 @@ def choose_layouts(c: Any, main: Layout) -> phases.PhaseLayouts:
   log.info("layouts=auto: seconds %s; cost (flops, bytes) %s; reallocation %s; chosen %s",
            seconds, cost, realloc_s, choice)
   sizes = {p: dict(zip(sharding.MESH_AXES, choice[p])) for p in phases.PHASES}
-  return phases.PhaseLayouts.from_sizes(main, sizes)
+  chosen = phases.PhaseLayouts.from_sizes(main, sizes)
+  log.info("layouts=auto chose %s", chosen)
+  return chosen
 
-
-def summary(seconds: dict, choice: dict[str, Sizes]) -> str:
-  return "; ".join(f"{p}: {choice[p]} {np.round(seconds[p][choice[p]], 4)} s"
-                   for p in phases.PHASES)
