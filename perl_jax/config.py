@@ -93,6 +93,18 @@ def mesh() -> mlc.ConfigDict:
   return m
 
 
+def phase_mesh() -> mlc.ConfigDict:
+  """PPO's per-phase meshes, "data=1,fsdp=2,tensor=4" (missing axes: 1; the product must equal
+  config.mesh's device count); "" is config.mesh. `layouts=auto` ignores these."""
+  m = mlc.ConfigDict()
+  m.generate = ""  # rollout: the KV-cache sampler
+  m.score = ""  # reward, reference and value forward passes
+  m.train = ""  # the update (models load here; optimizer state lives here)
+  m.auto_candidates = 4  # layouts=auto: at most this many meshes measured per phase
+  m.auto_runs = 2  # layouts=auto: timed runs per candidate (after one compiling run)
+  return m
+
+
 def checkpoint() -> mlc.ConfigDict:
   """Orbax checkpoints in WORKDIR/checkpoints; the same command resumes from the latest."""
   k = mlc.ConfigDict()
@@ -280,6 +292,10 @@ def validate(c: mlc.ConfigDict) -> None:
       if p[key] < 1:
         fail(f"ppo.{key}", "must be >= 1")
   check_mesh(c, _device_count())
+  if c.task == "ppo":
+    from perl_jax.trainers import phases  # imports jax; only PPO has phases
+
+    phases.check_config(c, _device_count())
 
 
 # --- The mesh: sizes, rules, and batches that split over it -----------------------------------
@@ -456,6 +472,10 @@ def ppo_config() -> mlc.ConfigDict:
   c.optimizer.lr = 2e-3
   c.rollout = rollout()
   c.ppo = ppo()
+  # A layout per phase (perl_jax/trainers/phases.py): "manual" reads phase_mesh (empty entries:
+  # config.mesh, i.e. one layout for all); "auto" measures candidate meshes at start.
+  c.layouts = "manual"
+  c.phase_mesh = phase_mesh()
   # The built-in task's prerequisites (used only when policy.init / reward.init are ""):
   c.synthetic = mlc.ConfigDict()
   c.synthetic.sft_steps = 300

@@ -39,7 +39,7 @@ import optax
 from perl_jax import checkpoint, rl
 from perl_jax import lora as lora_lib
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
-from perl_jax.trainers import common
+from perl_jax.trainers import common, phases
 from perl_jax.trainers.layout import Layout
 from perl_jax.trainers.reward import last_token
 
@@ -376,12 +376,21 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   `perl_jax.train.check_inputs` has counted them already; None counts them here (one pass).
   """
   layout = Layout.from_config(c)
-  with layout.activate():
-    return _train(c, workdir, gold_fn, layout, prompts_cut)
+  if c.layouts == "auto":  # measures candidate meshes per phase (trainers/layout_cost.py)
+    from perl_jax.trainers import layout_cost
+
+    phase_layouts = layout_cost.choose_layouts(c, layout)
+  else:
+    phase_layouts = phases.PhaseLayouts.from_config(c, layout)
+  with phase_layouts.train.activate():
+    return _train(c, workdir, gold_fn, phase_layouts.train, prompts_cut, phase_layouts)
 
 
 def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
-           layout: Layout, prompts_cut: int | None) -> dict:
+           layout: Layout, prompts_cut: int | None,
+           phase_layouts: phases.PhaseLayouts | None = None) -> dict:
+  """The PPO loop; models load (and the update runs) on `layout`, rollout and scoring on
+  `phase_layouts` (default: all on `layout`), with the weights moved by `phases.Reallocator`."""
   from perl_jax.data import jsonl, sources
   from perl_jax.data.pipeline import Batches
   from perl_jax.metrics import MetricsWriter
@@ -434,7 +443,6 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
   val_state = None if value is None else TrainState(
       value.trainable, layout.init_opt_state(value_opt, value.trainable))
   frozen = {"policy": policy.frozen, "value": None if value is None else value.frozen}
-  ref_vars = {"params": models.reference_params}
   reward_vars = models.reward.variables()
   reward_affine = jnp.asarray([models.reward.reward_gain, models.reward.reward_bias], jnp.float32)
   kl_ctl = (rl.AdaptiveKL(c.ppo.kl_coef, c.ppo.kl_target, c.ppo.kl_horizon) if c.ppo.adaptive_kl
@@ -448,20 +456,43 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
   update_fn = make_update_fn(c, policy.module, None if value is None else value.module,
                              policy_opt, value_opt)
 
-  def policy_vars(state):
-    return common.variables(policy.frozen, state.trainable)
+  ph = phase_layouts or phases.PhaseLayouts.uniform(layout)
+  realloc = phases.Reallocator()
 
-  def value_vars():
-    return None if value is None else common.variables(value.frozen, val_state.trainable)
+  def placed(phase: str) -> dict:
+    """The variables `phase` reads, on its layout: frozen trees placed once per layout, the
+    trainable trees (current adapters and heads) moved on every call."""
+    on = getattr(ph, phase)
+    out = {"policy": realloc.variables(policy.module, policy.frozen, pol_state.trainable, on)}
+    if phase == "score":
+      out["ref"] = realloc.frozen(policy.module, {"params": models.reference_params}, on)
+      out["reward"] = realloc.frozen(models.reward.module, reward_vars, on)
+      out["value"] = None if value is None else realloc.variables(
+          value.module, value.frozen, val_state.trainable, on)
+    return out
+
+  def generate_and_score(gen_vars, score_vars, prompts, rng, sampling):
+    """Rollout on the generate layout, its outputs re-split onto the score layout, scoring;
+    returns (the rollout and its scores on the train layout, the time the rollout was done).
+    Small replicated state moves along: eager ops need all inputs on the active mesh."""
+    with ph.generate.activate():
+      out = rollout(policy.module, gen_vars["policy"], *ph.generate.shard_batch(prompts),
+                    ph.generate.replicate(rng), sampling, eos, pad)
+    jax.block_until_ready(out[0])
+    t_generated = time.perf_counter()
+    with ph.score.activate():
+      tokens, mask, resp_mask, ended, sampler_logp = ph.score.shard_batch(out)
+      scored = score_fn(score_vars["policy"], score_vars["ref"], score_vars["reward"],
+                        ph.score.replicate(reward_affine), score_vars["value"], tokens, mask,
+                        resp_mask, ended, sampler_logp)
+    realloc.offload(models.reward.module, reward_vars, ph.score, keep=[
+        gen_vars, score_vars["policy"], score_vars["ref"], score_vars["value"]])
+    return layout.shard_batch((tokens, mask, resp_mask, ended) + tuple(scored)), t_generated
 
   def evaluate(it: int, rng) -> dict:
     """Reward score, KL to the reference and (synthetic task) gold reward of fresh samples."""
-    tokens, mask, resp_mask, ended, sampler_logp = rollout(
-        policy.module, policy_vars(pol_state), *layout.shard_batch((eval_tokens, eval_mask)),
-        rng, eval_scfg, eos, pad)
-    logp, ref_logp, _, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
-                                         reward_affine, value_vars(), tokens, mask, resp_mask,
-                                         ended, sampler_logp)
+    (tokens, mask, resp_mask, ended, logp, ref_logp, _, scores), _ = generate_and_score(
+        placed("generate"), placed("score"), (eval_tokens, eval_mask), rng, eval_scfg)
     kl = rl.sequence_kl(rl.kl_k1(logp, ref_logp), resp_mask)
     texts = tokenizer.batch_decode(np.where(np.asarray(resp_mask), np.asarray(
         tokens[:, -resp_mask.shape[1]:]), pad), skip_special_tokens=True)
@@ -509,18 +540,18 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
         rng, key = jax.random.split(rng)
         evals.append((it, evaluate(it, key)))
         writer.write(it, evals[-1][1])
+      t_realloc = time.perf_counter()  # weights to the generate and score layouts
+      gen_vars, score_vars = placed("generate"), placed("score")
+      t_realloc = _ready((gen_vars, score_vars), t_realloc)
       t0 = time.perf_counter()
       rng, k_roll, k_update = jax.random.split(rng, 3)
       prompt_batch = next(stream)
       position = prompt_batch.position + 1
-      tokens, mask, resp_mask, ended, sampler_logp = rollout(
-          policy.module, policy_vars(pol_state),
-          *layout.shard_batch((prompt_batch.arrays["tokens"], prompt_batch.arrays["mask"])),
-          k_roll, scfg, eos, pad)
-      t_gen = _ready(tokens, t0)
-      logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
-                                                reward_affine, value_vars(), tokens, mask,
-                                                resp_mask, ended, sampler_logp)
+      (tokens, mask, resp_mask, ended, logp, ref_logp, values, scores), t_generated = (
+          generate_and_score(gen_vars, score_vars, (prompt_batch.arrays["tokens"],
+                                                    prompt_batch.arrays["mask"]),
+                             k_roll, scfg))
+      t_gen = t_generated - t0
       t_score = _ready(scores, t0 + t_gen)
       batch = Rollout(tokens, mask, resp_mask, ended, logp, ref_logp, values, scores)
       adv, returns, reward_stats, metrics = advantages_fn(batch, kl_state, reward_stats)
@@ -534,11 +565,12 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
       kl_state = kl_ctl.update(kl_state, metrics["objective/kl"], tokens.shape[0])
       t_train = _ready(kl_state, t0 + t_gen + t_score)
       episode += tokens.shape[0]
-      iter_s = t_gen + t_score + t_train
+      iter_s = t_realloc + t_gen + t_score + t_train
       if it % c.log_every == 0 or it == c.total_iterations - 1:
         writer.write(it, {**metrics, **update_metrics, "lr": c.optimizer.lr, "episode": episode,
                           "perf/iter_s": iter_s, "perf/generate_s": t_gen,
                           "perf/score_s": t_score, "perf/train_s": t_train,
+                          "perf/realloc_s": t_realloc,
                           "perf/tokens_per_s": float(resp_mask.sum()) / iter_s})
       done = it + 1
       if ckpt.due(done) or done == c.total_iterations or guard.requested:
