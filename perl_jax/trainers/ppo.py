@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from perl_jax import checkpoint, rl
+from perl_jax import checkpoint, distributed, rl
 from perl_jax import lora as lora_lib
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
 from perl_jax.trainers import common
-from perl_jax.trainers.layout import Layout
+from perl_jax.trainers.layout import Layout, to_host
 from perl_jax.trainers.reward import last_token
 
 Params = Any
@@ -406,13 +406,13 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
   n_cut = prompts_cut if prompts_cut is not None else sources.prompt_cuts(
       tokenizer, fmt, prompts, "prompts", c.data.max_prompt_len, c.data.truncate)
   # The prompts of each iteration come from the input pipeline (epochs of shuffled prompts,
-  # resumable at the checkpoint's data position); evaluation uses a fixed set.
+  # resumable at the checkpoint's data position); evaluation uses a fixed set. Multi-host:
+  # each process encodes only the rows its devices hold (`Layout.global_batch` joins them).
+  shard_index, shard_count = layout.process_shard()
   prompt_batches = Batches(prompts, lambda records: dict(zip(("tokens", "mask"),
                                                              encode_prompts(records))),
-                           c.ppo.batch_size, c.seed)
-  if prompt_batches.process_count > 1:
-    raise NotImplementedError("multi-host PPO: the prompt shards are not assembled into global "
-                              "arrays yet")
+                           c.ppo.batch_size, c.seed, process_index=shard_index,
+                           process_count=shard_count)
   shards = layout.batch_shards  # divides ppo.batch_size <= len(prompts)
   n_eval = max(min(64, len(prompts)) // shards, 1) * shards
   eval_rows = np_rng.choice(len(prompts), n_eval, replace=False)
@@ -463,14 +463,17 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
                                          reward_affine, value_vars(), tokens, mask, resp_mask,
                                          ended, sampler_logp)
     kl = rl.sequence_kl(rl.kl_k1(logp, ref_logp), resp_mask)
-    texts = tokenizer.batch_decode(np.where(np.asarray(resp_mask), np.asarray(
-        tokens[:, -resp_mask.shape[1]:]), pad), skip_special_tokens=True)
+    # Multi-host: every process gathers all rows (the gold reward and samples need them).
+    resp_mask_h, response_h, scores_h = to_host((resp_mask, tokens[:, -resp_mask.shape[1]:],
+                                                 scores))
+    texts = tokenizer.batch_decode(np.where(resp_mask_h, response_h, pad),
+                                   skip_special_tokens=True)
     out = {"eval/score": float(scores.mean()), "eval/kl_to_sft": float(kl.mean()),
            "eval/response_length": float(resp_mask.sum(-1).mean())}
     if gold_fn is not None:
       out["eval/gold_reward"] = float(np.mean(gold_fn(texts)))
     writer.write_samples(it, [dict(prompt=r["prompt"], response=t, score=float(s))
-                              for r, t, s in zip(eval_prompts[:4], texts, np.asarray(scores))])
+                              for r, t, s in zip(eval_prompts[:4], texts, scores_h)])
     return out
 
   # --- Resume: the latest checkpoint in WORKDIR/checkpoints, if any -----------------------
@@ -515,7 +518,7 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
       position = prompt_batch.position + 1
       tokens, mask, resp_mask, ended, sampler_logp = rollout(
           policy.module, policy_vars(pol_state),
-          *layout.shard_batch((prompt_batch.arrays["tokens"], prompt_batch.arrays["mask"])),
+          *layout.global_batch((prompt_batch.arrays["tokens"], prompt_batch.arrays["mask"])),
           k_roll, scfg, eos, pad)
       t_gen = _ready(tokens, t0)
       logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
@@ -563,7 +566,12 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
                    gold_reward_after=last["eval/gold_reward"])
   final = common.Model(policy.module, policy.frozen, pol_state.trainable, policy.base,
                        policy.tokenizer_dir)
-  common.save_model(f"{workdir}/policy", final)
+  trainable = to_host(pol_state.trainable)  # every process takes part in the gather
+  if distributed.is_primary():  # one writer; the others wait until the model is complete
+    common.save_model(f"{workdir}/policy", final, trainable)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("ppo: final policy saved")
   return summary
 
 

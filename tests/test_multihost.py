@@ -1,0 +1,117 @@
+"""A PPO run split over 2 processes (4 CPU devices each) is killed, resumed, and matches one
+process on 8 devices with the same mesh.
+
+The processes run on this machine with CPU collectives (gloo, JAX's default) and the
+coordinator on 127.0.0.1. The base models, reward model and prompts are built once here, so
+only the PPO stage runs multi-process. Every subprocess has a hard timeout.
+
+Tolerance: the sums of a data x fsdp = 2 x 4 mesh are reduced across processes by gloo
+instead of inside one XLA:CPU process, so float32 results may differ in the last bits: adapters
+and metrics are compared with rtol 1e-4 / atol 1e-5; sampled responses must be equal.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from perl_jax import checkpoint, config
+from perl_jax.trainers import common
+from tests.helpers import ppo_prereqs
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(Path(__file__).with_name("multihost_worker.py"))
+TIMEOUT_S = 300  # per subprocess; a hung collective fails the test instead of hanging CI
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PJRT_NPROC="16",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+  return env
+
+
+def _start(overrides, workdir, env, *options):
+  return subprocess.Popen([sys.executable, WORKER, str(overrides), str(workdir), *options],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _finish(procs, expect):
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=TIMEOUT_S))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == expect, err[-3000:]
+  return outs
+
+
+def _pair(overrides, workdir, *options):
+  address = f"127.0.0.1:{_free_port()}"
+  return [_start(overrides, workdir, _env(4, JAX_COORDINATOR_ADDRESS=address,
+                                           JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                 *options) for i in range(2)]
+
+
+def _metrics(workdir):
+  return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+          for line in open(Path(workdir) / "metrics.jsonl")]
+
+
+def test_two_processes_kill_resume_and_match_one_process(tmp_path):
+  data = ppo_prereqs(tmp_path)
+  overrides = {"policy.init": data["policy"], "reward.init": data["reward"],
+               "data.prompts": data["prompts"], "total_iterations": 4, "eval_every": 2,
+               "log_every": 1, "progress": False, "ppo.batch_size": 8, "ppo.num_minibatches": 1,
+               "rollout.max_new_tokens": 6, "checkpoint.every_steps": 2,
+               "checkpoint.every_minutes": 0.0, "mesh.data": 2, "mesh.fsdp": 4,
+               "mesh.tensor": 1}
+  path = tmp_path / "overrides.json"
+  path.write_text(json.dumps(overrides))
+  single, multi = tmp_path / "single", tmp_path / "multi"
+
+  # The reference (one process, 8 devices) and the first half of the 2-process run together.
+  reference = _start(path, single, _env(8))
+  first = _pair(path, multi, "--exit-after-checkpoint=2")
+  _finish(first, expect=9)
+  c = config.ppo_config()
+  c.checkpoint.every_steps = 2
+  assert checkpoint.Checkpointer(str(multi), c).latest_step() == 2
+  assert not (multi / "summary.json").exists() and not (multi / "policy").exists()
+  _finish(_pair(path, multi), expect=0)
+  _finish([reference], expect=0)
+
+  a = load_file(str(multi / "policy" / common.TRAINABLE_FILE))
+  b = load_file(str(single / "policy" / common.TRAINABLE_FILE))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=5e-5, err_msg=k)
+  got, want = _metrics(multi), _metrics(single)
+  assert [sorted(r) for r in got] == [sorted(r) for r in want]
+  assert [r["step"] for r in got] == [0, 0, 1, 2, 2, 3, 4]  # each step once, after the resume
+  for g, w in zip(got, want):
+    np.testing.assert_allclose([g[k] for k in sorted(g)], [w[k] for k in sorted(w)],
+                               rtol=1e-4, atol=1e-5, err_msg=str(sorted(g)))
+  samples = lambda wd: [(r["step"], r["prompt"], r["response"])
+                        for r in map(json.loads, open(wd / "samples.jsonl"))]
+  assert samples(multi) == samples(single)
+  summary = lambda wd: json.loads((wd / "summary.json").read_text())
+  assert summary(multi).keys() == summary(single).keys()
+  np.testing.assert_allclose(list(summary(multi).values()), list(summary(single).values()),
+                             rtol=1e-4, atol=1e-5)
