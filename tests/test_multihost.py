@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from perl_jax import checkpoint, config
@@ -115,3 +116,36 @@ def test_two_processes_kill_resume_and_match_one_process(tmp_path):
   assert summary(multi).keys() == summary(single).keys()
   np.testing.assert_allclose(list(summary(multi).values()), list(summary(single).values()),
                              rtol=1e-4, atol=1e-5)
+
+
+# --- single-process pieces and refusals (no subprocesses) ---------------------------------
+
+
+def test_one_process_global_batch_is_shard_batch():
+  from perl_jax.trainers.layout import Layout, to_host
+
+  c = config.ppo_config()
+  c.mesh.update(data=2, fsdp=4, tensor=1)
+  layout = Layout.from_config(c)
+  assert layout.process_shard() == (0, 1)  # one process holds every row
+  x = np.arange(16 * 3, dtype=np.int32).reshape(16, 3)
+  got, want = layout.global_batch({"x": x}), layout.shard_batch({"x": x})
+  assert got["x"].sharding == want["x"].sharding
+  np.testing.assert_array_equal(to_host(got)["x"], x)
+
+
+@pytest.mark.parametrize("task,message", [
+    ("sft", "config.task='sft' with 2 processes: only PPO runs multi-process"),
+    ("ppo", "policy.init, reward.init, data.prompts or data.tfds unset with 2 processes: the "
+            "built-in synthetic task")])
+def test_multi_process_refuses_what_it_cannot_run(tmp_path, monkeypatch, task, message):
+  import jax
+
+  from perl_jax import train
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  c = config.sft_config() if task == "sft" else config.ppo_config()
+  with pytest.raises(config.ConfigError) as e:
+    train.run(c, str(tmp_path / "run"))
+  assert message in str(e.value)
+  assert not (tmp_path / "run").exists()  # refused before anything was written
