@@ -114,7 +114,7 @@ def test_two_processes_kill_resume_and_match_one_process(tmp_path):
     assert close.mean() >= 0.99, (k, close.mean())
   got, want = _metrics(multi), _metrics(single)
   assert [sorted(r) for r in got] == [sorted(r) for r in want]
-  assert [r["step"] for r in got] == [0, 0, 1, 2, 2, 3, 4]  # each step once, after the resume
+  assert [r["step"] for r in got] == [r["step"] for r in want]  # nothing logged twice
   for g, w in zip(got, want):
     np.testing.assert_allclose([g[k] for k in sorted(g)], [w[k] for k in sorted(w)],
                                rtol=1e-3, atol=1e-4, err_msg=str(sorted(g)))
