@@ -88,6 +88,7 @@ def run(c, workdir: str) -> dict:
 
   c = c.copy_and_resolve_references()  # never mutate the caller's config
   config.validate(c)
+  _check_multi_process(c)
   _check_writable(workdir)
   counts = check_inputs(c, workdir)  # prompts data.truncate cuts: the trainers need not recount
   if c.task == "sft":
@@ -101,6 +102,28 @@ def run(c, workdir: str) -> dict:
   if distributed.is_primary():  # one writer in a multi-host run
     Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   return summary
+
+
+def _check_multi_process(c) -> None:
+  """Refuses, before anything is written, what a multi-process run cannot do yet: the SFT and
+  reward trainers (their evaluations read sharded arrays on the host), and so the built-in
+  synthetic prerequisites of PPO (which would also have every process write the same files)."""
+  import jax
+
+  n = jax.process_count()
+  if n == 1:
+    return
+  if c.task != "ppo":
+    raise ConfigError(f"config.task={c.task!r} with {n} processes: only PPO runs multi-process "
+                      "so far; train this stage in a single process")
+  missing = [k for k, v in (("policy.init", c.policy.init), ("reward.init", c.reward.init),
+                            ("data.prompts or data.tfds", c.data.prompts or c.data.tfds))
+             if not v]
+  if missing:
+    raise ConfigError(f"{', '.join(missing)} unset with {n} processes: the built-in synthetic "
+                      "task (data, SFT policy, reward model) is built in a single process; run "
+                      "it once without the multi-host flags, then pass policy.init, reward.init "
+                      "and data.prompts from its workdir")
 
 
 def _ppo_with_prerequisites(c, workdir: str, prompts_cut: int) -> dict:

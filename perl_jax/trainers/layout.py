@@ -19,6 +19,13 @@ Design
   (step counts), and ``jit(optimizer.init, out_shardings=...)`` creates it in place.
 * Batches: [batch, ...] arrays split over ('data', 'fsdp') (`sharding.shard_batch`);
   `config.check_mesh` has already checked that the configured batch sizes divide.
+* Multi-host: a process reads and encodes only the rows of a global batch that its own devices
+  hold (`process_shard` says which: the input pipeline takes it as its shard), and
+  `global_batch` joins the processes' rows into one global array
+  (`jax.make_array_from_process_local_data`). Arrays the host reads back for logging go through
+  `to_host`, which gathers those split over several processes (a collective: every process
+  calls it, in the same order). Host arrays that are the same on every process (evaluation
+  prompts, PPO-ptx rows from the shared NumPy RNG) still go through `shard_batch`.
 * Small state (RNG keys, running statistics, the KL coefficient) is replicated: trainers run
   under `activate()`, where eager arrays are created replicated on the mesh and jitted code
   traced there gets the model's activation constraints.
@@ -36,6 +43,8 @@ from typing import Any, ContextManager, Sequence
 
 import jax
 import optax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from perl_jax import sharding
@@ -123,12 +132,52 @@ class Layout:
     """Every [batch, ...] leaf split over ('data', 'fsdp'); the leading size must divide."""
     return sharding.shard_batch(batch, self.mesh)
 
+  def process_shard(self) -> tuple[int, int]:
+    """(index, count): this process's devices hold block `index` of `count` equal, contiguous
+    row blocks of every global batch (one process: (0, 1); processes along 'data': (process
+    index, process count); a mesh whose batch axes stay inside each process: (0, 1), every
+    process holds all rows)."""
+    n = self.batch_shards
+    index_map = sharding.data_sharding(self.mesh).addressable_devices_indices_map((n,))
+    rows = sorted({idx[0].indices(n)[0] for idx in index_map.values()})
+    size = len(rows)
+    if rows != list(range(rows[0], rows[0] + size)) or rows[0] % size:
+      raise ValueError(f"layout {self}: process {jax.process_index()} holds batch rows {rows} "
+                       "of a global batch, not one contiguous block; order the mesh devices "
+                       "by process")
+    return rows[0] // size, n // size
+
+  def global_batch(self, local: Any) -> Any:
+    """One global batch from every process's block of rows (`process_shard`): each leaf of
+    `local` is [global rows / count, ...]. With one process this is `shard_batch`."""
+    if jax.process_count() == 1:
+      return self.shard_batch(local)
+    batch_sharding = sharding.data_sharding(self.mesh)
+    count = self.process_shard()[1]
+
+    def one(x):
+      x = np.asarray(x)
+      return jax.make_array_from_process_local_data(batch_sharding, x,
+                                                    (x.shape[0] * count,) + x.shape[1:])
+
+    return jax.tree.map(one, local)
+
   @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
   def replicate(self, tree: Any) -> Any:
     return jax.device_put(tree, self.replicated)
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of `tree`'s arrays, whole on every process: arrays split over several
+  processes are gathered (`process_allgather`, a collective: all processes call it)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
 
 
 @functools.lru_cache(maxsize=32)

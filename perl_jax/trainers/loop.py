@@ -50,11 +50,13 @@ def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state
   """
   from perl_jax.metrics import MetricsWriter
 
-  if train_batches.process_count > 1:
-    raise NotImplementedError(
-        f"{train_batches.process_count} processes: the input pipeline shards batches by "
-        "process, but the trainers do not yet assemble the shards into global arrays")
-  place_batch = (lambda b: b) if layout is None else layout.shard_batch
+  shard = (train_batches.process_index, train_batches.process_count)
+  if shard != (0, 1) and (layout is None or shard != layout.process_shard()):
+    raise ValueError(f"the input pipeline's shard (index, count) = {shard} is not the rows this "
+                     "process's devices hold in the layout; build the batches with "
+                     "layout.process_shard()")
+  # Each process's rows of the batch, joined into one global array (multi-host).
+  place_batch = (lambda b: b) if layout is None else layout.global_batch
 
   ckpt = checkpoint.Checkpointer(workdir, c, bases)
   skips = common.SkipCounter(c.optimizer.max_consecutive_skips)

@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from perl_jax import checkpoint, rl
+from perl_jax import checkpoint, distributed, rl
 from perl_jax import lora as lora_lib
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
 from perl_jax.trainers import common, phases
-from perl_jax.trainers.layout import Layout
+from perl_jax.trainers.layout import Layout, to_host
 from perl_jax.trainers.reward import last_token
 
 Params = Any
@@ -415,13 +415,13 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
   n_cut = prompts_cut if prompts_cut is not None else sources.prompt_cuts(
       tokenizer, fmt, prompts, "prompts", c.data.max_prompt_len, c.data.truncate)
   # The prompts of each iteration come from the input pipeline (epochs of shuffled prompts,
-  # resumable at the checkpoint's data position); evaluation uses a fixed set.
+  # resumable at the checkpoint's data position); evaluation uses a fixed set. Multi-host:
+  # each process encodes only the rows its devices hold (`Layout.global_batch` joins them).
+  shard_index, shard_count = layout.process_shard()
   prompt_batches = Batches(prompts, lambda records: dict(zip(("tokens", "mask"),
                                                              encode_prompts(records))),
-                           c.ppo.batch_size, c.seed)
-  if prompt_batches.process_count > 1:
-    raise NotImplementedError("multi-host PPO: the prompt shards are not assembled into global "
-                              "arrays yet")
+                           c.ppo.batch_size, c.seed, process_index=shard_index,
+                           process_count=shard_count)
   shards = layout.batch_shards  # divides ppo.batch_size <= len(prompts)
   n_eval = max(min(64, len(prompts)) // shards, 1) * shards
   eval_rows = np_rng.choice(len(prompts), n_eval, replace=False)
@@ -494,14 +494,17 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
     (tokens, mask, resp_mask, ended, logp, ref_logp, _, scores), _ = generate_and_score(
         placed("generate"), placed("score"), (eval_tokens, eval_mask), rng, eval_scfg)
     kl = rl.sequence_kl(rl.kl_k1(logp, ref_logp), resp_mask)
-    texts = tokenizer.batch_decode(np.where(np.asarray(resp_mask), np.asarray(
-        tokens[:, -resp_mask.shape[1]:]), pad), skip_special_tokens=True)
+    # Multi-host: every process gathers all rows (the gold reward and samples need them).
+    resp_mask_h, response_h, scores_h = to_host((resp_mask, tokens[:, -resp_mask.shape[1]:],
+                                                 scores))
+    texts = tokenizer.batch_decode(np.where(resp_mask_h, response_h, pad),
+                                   skip_special_tokens=True)
     out = {"eval/score": float(scores.mean()), "eval/kl_to_sft": float(kl.mean()),
            "eval/response_length": float(resp_mask.sum(-1).mean())}
     if gold_fn is not None:
       out["eval/gold_reward"] = float(np.mean(gold_fn(texts)))
     writer.write_samples(it, [dict(prompt=r["prompt"], response=t, score=float(s))
-                              for r, t, s in zip(eval_prompts[:4], texts, np.asarray(scores))])
+                              for r, t, s in zip(eval_prompts[:4], texts, scores_h)])
     return out
 
   # --- Resume: the latest checkpoint in WORKDIR/checkpoints, if any -----------------------
@@ -547,10 +550,10 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
       rng, k_roll, k_update = jax.random.split(rng, 3)
       prompt_batch = next(stream)
       position = prompt_batch.position + 1
+      # Each process encoded its own rows of the batch; global_batch joins them (multi-host).
+      prompts = layout.global_batch((prompt_batch.arrays["tokens"], prompt_batch.arrays["mask"]))
       (tokens, mask, resp_mask, ended, logp, ref_logp, values, scores), t_generated = (
-          generate_and_score(gen_vars, score_vars, (prompt_batch.arrays["tokens"],
-                                                    prompt_batch.arrays["mask"]),
-                             k_roll, scfg))
+          generate_and_score(gen_vars, score_vars, prompts, k_roll, scfg))
       t_gen = t_generated - t0
       t_score = _ready(scores, t0 + t_gen)
       batch = Rollout(tokens, mask, resp_mask, ended, logp, ref_logp, values, scores)
@@ -595,7 +598,12 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
                    gold_reward_after=last["eval/gold_reward"])
   final = common.Model(policy.module, policy.frozen, pol_state.trainable, policy.base,
                        policy.tokenizer_dir)
-  common.save_model(f"{workdir}/policy", final)
+  trainable = to_host(pol_state.trainable)  # every process takes part in the gather
+  if distributed.is_primary():  # one writer; the others wait until the model is complete
+    common.save_model(f"{workdir}/policy", final, trainable)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("ppo: final policy saved")
   return summary
 
 
