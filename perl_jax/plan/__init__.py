@@ -101,7 +101,8 @@ def make_plan(c: Any, topology: Topology, config_name: str = "", compile: bool =
   for model in ("policy", "reward", "value"):
     if model in c and c[model].init:
       common.peek(c[model].init)  # config and tensor headers; a CheckpointError names the fault
-  devices, target = topo_lib.target_devices(topology) if compile else (None, "not compiled")
+  devices, target = (topo_lib.target_devices(topology) if compile else
+                     (None, "not compiled (--nocompile): shard shapes and the estimate only"))
   sizes = phases.mesh_sizes(c, topology.num_devices)
   optimizers = models_lib.optimizers(c)
   models = models_lib.abstract_models(c, optimizers)

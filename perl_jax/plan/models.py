@@ -79,6 +79,10 @@ class ShapeCache(common.BaseCache):
       self._loaded[key] = (cfg, init_params(Transformer(cfg), jax.random.PRNGKey(0)))
     return self._loaded[key]
 
+  def loaded(self) -> list[tuple[ModelConfig, Any]]:
+    """(config, params) of every checkpoint asked for, in order."""
+    return list(self._loaded.values())
+
 
 def synthetic_policy_config(c: Any) -> ModelConfig:
   """The model SFT trains from scratch: `config.model` with the synthetic task's vocabulary,
@@ -128,7 +132,9 @@ def abstract_models(c: Any, optimizers: dict[str, Any]) -> Models:
     modules: dict[str, Transformer] = {}
     build = {"ppo": _ppo, "sft": _sft, "reward": _reward}[c.task]
     trees, repeats = _traced(lambda: build(c, cache, modules, optimizers))
-    bases = [cfg for cfg, _ in cache._loaded.values()]
+    bases = [cfg for cfg, _ in cache.loaded()]
+  if c.task == "sft" and not c.policy.init and c.lora.rank:  # LoRA on a random frozen model
+    bases.append(modules["policy"].cfg)
   return Models(modules, trees, repeats, bases)
 
 
@@ -173,8 +179,8 @@ def _single(name: str, model: common.Model, cache: common.BaseCache, optimizer) 
           f"{name}/opt": optimizer.init(trainable)}
 
 
-def _bases(cache: common.BaseCache) -> dict:
-  return {str(i): params for i, (_, params) in enumerate(cache._loaded.values())}
+def _bases(cache: ShapeCache) -> dict:
+  return {str(i): params for i, (_, params) in enumerate(cache.loaded())}
 
 
 def _ppo(c, cache, modules, optimizers):

@@ -16,6 +16,7 @@ training one) will change that one function.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -107,6 +108,14 @@ def _with(x: Any, s: NamedSharding) -> jax.ShapeDtypeStruct:
 
 def place_model_tree(module: Any, tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """`tree` ({'params': ..., 'lora': ...}, any subset) with each leaf's param sharding."""
+  table = _sharding_table(module, mesh, rules)
+  return jax.tree_util.tree_map_with_path(lambda p, x: _with(x, table[path_str(p)]), tree)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharding_table(module: Any, mesh: Mesh, rules: Rules) -> dict[str, NamedSharding]:
+  """{'params/layers_0/attn/q/kernel': NamedSharding, 'lora/...': ...} of one model (each
+  `param_shardings` call traces the model's init, so once per model)."""
   table = {}
   collections = ("params", "lora") if module.lora is not None else ("params",)
   for collection in collections:
@@ -114,7 +123,7 @@ def place_model_tree(module: Any, tree: Any, mesh: Mesh, rules: Rules) -> Any:
     for path, s in jax.tree_util.tree_leaves_with_path(
         shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
       table[f"{collection}/{path_str(path)}"] = s
-  return jax.tree_util.tree_map_with_path(lambda p, x: _with(x, table[path_str(p)]), tree)
+  return table
 
 
 def place_opt_state(optimizer: optax.GradientTransformation, opt_state: Any,
