@@ -193,7 +193,8 @@ def _ppo(c, cache, modules, optimizers):
   policy, reward, value = models.policy, models.reward, models.value
   modules.update(policy=policy.module, reward=reward.module)
   trees = {"bases": _bases(cache), "policy/frozen": policy.frozen,
-           "policy/trainable": policy.trainable, "policy/opt": optimizers["policy"].init(policy.trainable),
+           "policy/trainable": policy.trainable,
+           "policy/opt": optimizers["policy"].init(policy.trainable),
            "reference": models.reference_params, "reward/frozen": reward.frozen,
            "reward/trainable": reward.trainable}
   if value is not None:
