@@ -61,21 +61,23 @@ def test_estimate_formulas_by_hand():
   assert est.trainable_params(cfg, None, mesh) == 1352 / 2  # full fine-tuning
   # KV cache: 2 (k, v) x 2 layers x 3 rows x 1 KV head x 4 x 5 slots x 4 bytes.
   assert est.kv_cache_bytes(cfg, rows=3, length=5) == 960
-  # Training activations per token and layer: 4 x (2*8 + 2*(2+1)*4 + 3*16) = 352 for matmul
-  # inputs/outputs, 8*8 = 64 for the float32 norm inputs, 2 heads x 5 keys x (4 + 4) = 80 for
-  # the attention probabilities: 496 x 15 tokens x 2 layers = 14880. Adapters: 4 kernels x r
-  # 2 x 4 bytes x 15 tokens = 480. Logits: 3 copies x 3 rows x 2 positions x 10 x 4 = 720.
-  assert est.train_activation_bytes(cfg, QV, rows=3, length=5, logit_positions=2) == 16080
+  # Training activations per token and layer: 4 x (2*8 + 2*(2+1)*4 + 5*16) = 480 for matmul
+  # inputs/outputs and the gated MLP's five F-wide tensors, 8*8 = 64 for the float32 norm inputs,
+  # 2 heads x 5 keys x (4 + 4) = 80 for the attention probabilities: 624 per layer. One layer's
+  # gradients: 4 x (3*16 + 2*8) + 80 = 336. Adapters: 4 kernels x r 2 x 4 bytes = 32.
+  # (624 x 2 layers + 336 + 32) x 15 tokens = 24240, plus the logits five times:
+  # 5 x 3 rows x 2 positions x 10 x 4 = 1200.
+  assert est.train_activation_bytes(cfg, QV, rows=3, length=5, logit_positions=2) == 25440
   # Forward one layer at a time: 4 x (2*8 + 2*16) + 2 x 5 x 8 = 272 per token x 15 = 4080,
-  # plus the logits twice: 2 x 3 x 1 x 10 x 4 = 240.
-  assert est.forward_activation_bytes(cfg, rows=3, length=5, keys=5, logit_positions=1) == 4320
+  # plus the logits three times: 3 x 3 x 1 x 10 x 4 = 360.
+  assert est.forward_activation_bytes(cfg, rows=3, length=5, keys=5, logit_positions=1) == 4440
   # Folded float32 kernels: q (64) + v (32) per layer x 2 layers x 4 bytes; none in bfloat16.
   assert est.merged_kernel_bytes(cfg, QV) == 768
   assert est.merged_kernel_bytes(cfg.replace(param_dtype="bfloat16"), QV) == 0
   held = est.state([cfg], [est.Model(cfg, QV)], [], mesh)
   assert (held.params, held.trainable, held.optimizer) == (1352 * 4 / 2, 80 * 4, 2 * 80 * 4)
   # A minibatch step: activations over data x fsdp = 2 batch shards, plus 3 x trainable.
-  assert est.update(est.Model(cfg, QV), 3, 5, 2, mesh) == 16080 / 2 + 3 * 320
+  assert est.update(est.Model(cfg, QV), 3, 5, 2, mesh) == 25440 / 2 + 3 * 320
 
 
 # --- Compiled figures against an independent compile -----------------------------------------

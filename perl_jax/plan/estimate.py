@@ -20,17 +20,24 @@ head, KV-head, MLP and vocab widths over tensor.
 * Training activations, per layer and token: what reverse-mode AD keeps for the backward pass,
   counted tensor by tensor in `perl_jax.models.transformer` the way Korthikanti et al. (2022,
   "Reducing Activation Recomputation in Large Transformer Models", section 4.1) count them
-  for GPT: w x (2D + 2(H + K)h + 3F) for matmul inputs and outputs (the two norm outputs, q,
-  k, v and the attention output, gate, up and their product; 2F for an ungated MLP), 8D for the
-  two float32 norm inputs, H x S x (4 + w) for the attention probabilities (float32 softmax
-  and its cast; S = key length) and w x r per adapted kernel; no rematerialisation. On top:
-  the float32 logits over the response positions three times (logits, log-softmax, softmax
-  for the entropy and the gradient), and 3 x trainable for the gradient, its accumulator over
-  microbatches and the optimizer's update.
+  for GPT, and checked against XLA's buffer assignment of the compiled PPO update:
+  w x (2D + 2(H + K)h + 5F) for the two norm outputs, q, k, v, the attention output, and in a
+  gated MLP the gate and up outputs, the activation's internal value (sigmoid or tanh) and
+  output and the gated product (3F ungated); 8D for the two float32 norm inputs (the residual
+  stream); H x S x (4 + w) for the attention probabilities (float32 softmax and its cast; S =
+  key length); w x r per adapted kernel. No rematerialisation. Plus one layer's gradients
+  while the backward pass runs (w x (3F + 2D) + H x S x (4 + w)), the float32 logits over the
+  response positions five times (logits, log-softmax, softmax for the entropy, their
+  gradients), and 3 x trainable for the gradient, its accumulator over microbatches and the
+  optimizer's update.
 * Forward-only phases (sampling, scoring) keep one layer's activations at a time:
-  w x (2D + 2F) per token plus the attention scores H x S x (4 + w), the float32 logits twice,
-  and, for float32 LoRA models, the adapters folded into float32 copies of the targeted
-  kernels (`lora.inference_variables`).
+  w x (2D + 2F) per token plus the attention scores H x S x (4 + w), the float32 logits three
+  times (the projection, the response slice, the log-softmax), and, for float32 LoRA models,
+  the adapters folded into float32 copies of the targeted kernels (`lora.inference_variables`).
+
+The estimate leaves out what XLA adds by scheduling (two independent forward passes of the
+scoring phase may run side by side) and fusion; BUILD_NOTES.md compares it with compiled
+figures.
 """
 
 from __future__ import annotations
@@ -128,14 +135,15 @@ def _logits_bytes(cfg: ModelConfig, rows: int, positions: int, copies: int) -> i
 
 def train_activation_bytes(cfg: ModelConfig, lora: LoraConfig | None, rows: int, length: int,
                            logit_positions: int) -> int:
-  """Saved activations of a forward + backward pass over rows x length tokens (see above)."""
-  w, d, h = _BYTES[cfg.dtype], cfg.embed_dim, cfg.head_dim
-  mlp = (3 if cfg.gated_mlp else 2) * cfg.mlp_dim
+  """Activations of a forward + backward pass over rows x length tokens (see above)."""
+  w, d, h, f = _BYTES[cfg.dtype], cfg.embed_dim, cfg.head_dim, cfg.mlp_dim
+  attention = cfg.num_heads * length * (4 + w)  # probabilities, per token
+  mlp = (5 if cfg.gated_mlp else 3) * f
+  saved = w * (2 * d + 2 * (cfg.num_heads + cfg.num_kv_heads) * h + mlp) + 8 * d + attention
+  working = w * ((3 if cfg.gated_mlp else 2) * f + 2 * d) + attention  # one layer's gradients
   adapted = 0 if lora is None else len(_targeted(cfg, lora)) * lora.rank * w
-  per_token = (w * (2 * d + 2 * (cfg.num_heads + cfg.num_kv_heads) * h + mlp) + 8 * d
-               + cfg.num_heads * length * (4 + w))
-  return (per_token * rows * length * cfg.num_layers + adapted * rows * length
-          + _logits_bytes(cfg, rows, logit_positions, 3))
+  return ((saved * cfg.num_layers + working + adapted) * rows * length
+          + _logits_bytes(cfg, rows, logit_positions, 5))
 
 
 def forward_activation_bytes(cfg: ModelConfig, rows: int, length: int, keys: int,
@@ -143,7 +151,7 @@ def forward_activation_bytes(cfg: ModelConfig, rows: int, length: int, keys: int
   """The live activations of a forward pass, one layer at a time (see above)."""
   w = _BYTES[cfg.dtype]
   per_token = w * (2 * cfg.embed_dim + 2 * cfg.mlp_dim) + cfg.num_heads * keys * (4 + w)
-  return per_token * rows * length + _logits_bytes(cfg, rows, logit_positions, 2)
+  return per_token * rows * length + _logits_bytes(cfg, rows, logit_positions, 3)
 
 
 # --- Phases -----------------------------------------------------------------------------------
