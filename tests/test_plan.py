@@ -211,6 +211,27 @@ def test_sft_and_reward_plans_count_what_their_trainers_hold():
     assert p.resident["params"] == pytest.approx(e.params, rel=0.01)
 
 
+def test_a_checkpoint_is_planned_from_its_config_json_alone(tmp_path):
+  import json
+
+  import perl_jax.plan as plan
+
+  # A Llama checkpoint whose weights are not downloaded yet: config.json only.
+  hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
+            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=2, vocab_size=96, rms_norm_eps=1e-6, rope_theta=10000.0,
+            max_position_embeddings=128, tie_word_embeddings=False, hidden_act="silu",
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  c = config.ppo_config()
+  c.policy.init = c.reward.init = str(tmp_path)  # policy, reference, reward, value: one base
+  p = plan.make_plan(c, topology.get("h100x8"))
+  cfg = ModelConfig(**{**TINY, "vocab_size": 96, "embed_dim": 64, "num_heads": 4,
+                       "num_kv_heads": 2, "head_dim": 16, "mlp_dim": 128})
+  assert p.resident["params"] == cfg.num_params() * 4 / 8  # fsdp=8, counted once
+  assert p.resident_estimate.params == p.resident["params"]
+
+
 # --- Bad input --------------------------------------------------------------------------------
 
 

@@ -100,7 +100,7 @@ def make_plan(c: Any, topology: Topology, config_name: str = "", compile: bool =
   config_lib.validate(c)
   for model in ("policy", "reward", "value"):
     if model in c and c[model].init:
-      common.peek(c[model].init)  # config and tensor headers; a CheckpointError names the fault
+      _check_checkpoint(c[model].init)
   devices, target = (topo_lib.target_devices(topology) if compile else
                      (None, "not compiled (--nocompile): shard shapes and the estimate only"))
   sizes = phases.mesh_sizes(c, topology.num_devices)
@@ -122,6 +122,23 @@ def make_plan(c: Any, topology: Topology, config_name: str = "", compile: bool =
       r.compiled = phases.compile_phase(phase)
   return Plan(config_name, topology, target, sizes, resident, state, list(reports.values()),
               time.perf_counter() - start)
+
+
+def _check_checkpoint(init: str) -> None:
+  """`common.peek` (config and tensor headers; a `CheckpointError` names the fault), or, for a
+  Hugging Face directory holding config.json but no weights yet, that config alone: a model
+  can be planned before it is downloaded."""
+  from pathlib import Path
+
+  from perl_jax.models.hf import read_hf_config
+  from perl_jax.trainers import common
+
+  path = Path(init)
+  weights = any(path.glob("*.safetensors")) or (path / common.META_FILE).exists()
+  if (path / "config.json").exists() and not weights:
+    read_hf_config(path)
+  else:
+    common.peek(init)
 
 
 def _estimates(c: Any, models: Any, mesh: est.Mesh) -> tuple[est.Memory, dict[str, est.Memory]]:
