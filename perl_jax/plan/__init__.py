@@ -30,6 +30,7 @@ cuDNN/cuBLAS workspaces), hence the headroom the verdict reports.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Sequence
 
@@ -37,6 +38,8 @@ from perl_jax.plan import estimate as est
 from perl_jax.plan import topology as topo_lib
 from perl_jax.plan.phases import Compiled
 from perl_jax.plan.topology import GiB, Topology, TopologyError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Plan", "PhaseReport", "make_plan", "report", "TopologyError"]
 
@@ -48,6 +51,7 @@ class PhaseReport:
   kv_cache: int = 0  # bytes per device, from the cache's shape and layout
   compiled: Compiled | None = None
   transient_args: int = 0  # bytes per device of the arguments that are not held state
+  compile_seconds: float = 0.0
 
   @property
   def in_out(self) -> int | None:
@@ -119,7 +123,11 @@ def make_plan(c: Any, topology: Topology, config_name: str = "", compile: bool =
     r = reports[phase.name]
     r.transient_args, r.kv_cache = phase.transient_arg_bytes, phase.kv_cache
     if devices is not None and (only is None or phase.name in only):
+      t = time.perf_counter()
       r.compiled = phases.compile_phase(phase)
+      r.compile_seconds = time.perf_counter() - t
+      log.info("plan: compiled %s for %s in %.1f s", phase.name, topology.name,
+                   r.compile_seconds)
   return Plan(config_name, topology, target, sizes, resident, state, list(reports.values()),
               time.perf_counter() - start)
 
