@@ -76,6 +76,13 @@ def test_estimate_formulas_by_hand():
   assert est.merged_kernel_bytes(cfg.replace(param_dtype="bfloat16"), QV) == 0
   held = est.state([cfg], [est.Model(cfg, QV)], [], mesh)
   assert (held.params, held.trainable, held.optimizer) == (1352 * 4 / 2, 80 * 4, 2 * 80 * 4)
+  # Sampling 2 samples for 2 prompts of 3 tokens, 2 new tokens, on fsdp=2: the cache of 4 rows
+  # x 5 slots (1280 bytes) over 2 batch shards; the folded kernels (768 / 2), the weights
+  # gathered for the decode loop (1352 x 4), and the larger of the prefill (2 x 3 tokens x
+  # (192 + 2 heads x 3 keys x 8) = 1440) and a decode step (4 rows x (192 + 2 x 5 x 8) + the
+  # logits 3 x 4 x 10 x 4 + 9 bytes x 4 rows x 2 steps = 1640), over 2 batch shards.
+  kv, other = est.generate(est.Model(cfg, QV), 2, 2, 3, 2, mesh)
+  assert (kv, other) == (640, 384 + 5408 + 1640 / 2)
   # A minibatch step: activations over data x fsdp = 2 batch shards, plus 3 x trainable.
   assert est.update(est.Model(cfg, QV), 3, 5, 2, mesh) == 25440 / 2 + 3 * 320
 

@@ -35,6 +35,11 @@ head, KV-head, MLP and vocab widths over tensor.
   times (the projection, the response slice, the log-softmax), and, for float32 LoRA models,
   the adapters folded into float32 copies of the targeted kernels (`lora.inference_variables`).
 
+* Sampling on an FSDP mesh (fsdp > 1) also holds the policy's weights unsharded over fsdp:
+  XLA gathers every weight once, before the decode loop (loop-invariant), rather than layer by
+  layer in every step (seen in XLA's buffer assignment on host CPUs and in the TPU v5e figures,
+  BUILD_NOTES.md).
+
 The estimate leaves out what XLA adds by scheduling (two independent forward passes of the
 scoring phase may run side by side) and fusion; BUILD_NOTES.md compares it with compiled
 figures.
@@ -191,9 +196,14 @@ def generate(policy: Model, prompts: int, samples: int, prompt_len: int, new_tok
   rows, total = prompts * samples, prompt_len + new_tokens
   kv = kv_cache_bytes(policy.cfg, rows, total) / mesh.batch_shards / mesh.tensor
   prefill = forward_activation_bytes(policy.cfg, prompts, prompt_len, prompt_len, 0)
+  # A decode step; 9 bytes per row and step for the tokens, mask and log-probs written.
   decode = forward_activation_bytes(policy.cfg, rows, 1, total, 1) + rows * new_tokens * 9
   merged = merged_kernel_bytes(policy.cfg, policy.lora) / mesh.param_shards
-  return kv, merged + _scaled(max(prefill, decode), mesh)
+  # FSDP: every decode step needs every weight; XLA gathers them once, before the decode loop,
+  # so each device holds an unsharded copy (split over tensor only) while sampling.
+  gathered = (policy.cfg.num_params() * _BYTES[policy.cfg.param_dtype] / mesh.tensor
+              if mesh.fsdp > 1 else 0)
+  return kv, merged + gathered + _scaled(max(prefill, decode), mesh)
 
 
 def score(forwards: Sequence[tuple[Model, int]], rows: int, length: int, mesh: Mesh) -> float:
