@@ -15,11 +15,16 @@ How
    outputs, aliased (donated) outputs and temporaries per device.
 4. A phase's peak is what the trainer holds throughout (`resident`: params, trainable trees,
    optimizer states, from their per-device shard shapes, shared arrays once) plus the
-   program's other arguments, its outputs less those written into donated inputs, and its
-   temporaries (activations, gradients, the KV cache, folded LoRA kernels). The run fits when
-   the largest peak is within the device's usable memory.
-5. An analytic estimate (`plan.estimate`) is printed next to every figure, and is the only
-   figure where nothing compiles for the target (GPUs; TPUs without libtpu).
+   program's other arguments, its outputs less those written into donated inputs, its
+   temporaries (activations, gradients, the KV cache, folded LoRA kernels) and its code. The
+   run fits when the largest peak is within the device's usable memory.
+5. An analytic estimate (`plan.estimate`) is printed next to every figure. Where nothing
+   compiles for the target (GPUs; TPUs without libtpu) the peak is the held state and KV cache
+   from their shard shapes (an abstract mesh of the topology's size) plus the estimated
+   activations.
+
+On TPU, XLA keeps small temporaries in on-chip memory, and the memory analysis counts device
+memory (HBM) only: a small program can report no temporaries at all.
 
 The compiled figures are XLA's own accounting for that program on that device, so they are
 as good as the compiler's buffer assignment; what they leave out is runtime overhead (the
@@ -64,7 +69,8 @@ class PhaseReport:
     plus XLA's temporaries where compiled, else the estimated activations."""
     if self.compiled is None:
       return resident + self.kv_cache + self.transient_args + self.estimate.activations
-    return resident + self.in_out + self.compiled.temp
+    # The program's own code lives in device memory too (TPU: megabytes; CPU reports 0).
+    return resident + self.in_out + self.compiled.temp + self.compiled.code
 
 
 @dataclasses.dataclass
@@ -242,7 +248,8 @@ def report(plan: Plan) -> str:
                f"{_size(usable)} usable; headroom {'-' if headroom < 0 else ''}"
                f"{_size(abs(headroom))} ({headroom / usable:.0%})")
   lines.append("sharded: per-device shard shapes of the trainers' layout; temp (XLA's "
-               "temporaries, the KV cache included) and in/out (arguments other than held state, "
-               "outputs not written into donated inputs) from the compiled program; peak: held "
-               "+ in/out + temp, or, not compiled, held + KV cache + estimated transient")
+               "temporaries in device memory, the KV cache included) and in/out (arguments other "
+               "than held state, outputs not written into donated inputs) from the compiled "
+               "program; peak: held + in/out + temp + the program's code, or, not compiled, "
+               "held + KV cache + estimated transient")
   return "\n".join(lines)

@@ -35,10 +35,10 @@ head, KV-head, MLP and vocab widths over tensor.
   times (the projection, the response slice, the log-softmax), and, for float32 LoRA models,
   the adapters folded into float32 copies of the targeted kernels (`lora.inference_variables`).
 
-* Sampling on an FSDP mesh (fsdp > 1) also holds the policy's weights unsharded over fsdp:
-  XLA gathers every weight once, before the decode loop (loop-invariant), rather than layer by
-  layer in every step (seen in XLA's buffer assignment on host CPUs and in the TPU v5e figures,
-  BUILD_NOTES.md).
+* Sampling on an FSDP mesh (fsdp > 1) may hold the policy's weights unsharded over fsdp: XLA
+  can gather every weight once, before the decode loop (loop-invariant), rather than layer by
+  layer in every step. XLA:CPU does (its buffer assignment lists whole kernels), and the TPU
+  v5e figures of a 0.5B model agree; counted, as an upper bound (BUILD_NOTES.md).
 
 The estimate leaves out what XLA adds by scheduling (two independent forward passes of the
 scoring phase may run side by side) and fusion; BUILD_NOTES.md compares it with compiled
@@ -199,8 +199,8 @@ def generate(policy: Model, prompts: int, samples: int, prompt_len: int, new_tok
   # A decode step; 9 bytes per row and step for the tokens, mask and log-probs written.
   decode = forward_activation_bytes(policy.cfg, rows, 1, total, 1) + rows * new_tokens * 9
   merged = merged_kernel_bytes(policy.cfg, policy.lora) / mesh.param_shards
-  # FSDP: every decode step needs every weight; XLA gathers them once, before the decode loop,
-  # so each device holds an unsharded copy (split over tensor only) while sampling.
+  # FSDP: every decode step needs every weight; XLA may gather them once, before the decode
+  # loop, so a device holds an unsharded copy (split over tensor only) while sampling.
   gathered = (policy.cfg.num_params() * _BYTES[policy.cfg.param_dtype] / mesh.tensor
               if mesh.fsdp > 1 else 0)
   return kv, merged + gathered + _scaled(max(prefill, decode), mesh)
