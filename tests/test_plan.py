@@ -250,10 +250,12 @@ def test_unknown_topology_exits_2_naming_it():
   assert proc.stdout == ""
 
 
-def test_batches_that_do_not_split_over_the_mesh_exit_2(capsys):
+def test_bad_batches_and_phase_names_exit_2(capsys):
   c = config.ppo_config()
   c.ppo.batch_size = 12  # 12 prompts over 8 batch shards
   assert cli(c, "cpu-8", compile=False) == 2
   assert "config.ppo.batch_size" in capsys.readouterr().err
+  assert cli(config.ppo_config(), "cpu-8", only=("update",)) == 2  # not a phase name
+  assert "--phases: update not among" in capsys.readouterr().err
   with pytest.raises(topology.TopologyError, match="cpu-16"):
     topology.target_devices(topology.get("cpu-16"))  # this process has 8 host devices

@@ -5,7 +5,8 @@
 How
 ---
 1. The config is checked as `perl_jax.train` checks it, and every checkpoint is peeked at
-   (config and tensor headers; no weights are read).
+   (config and tensor headers; no weights are read; a directory with config.json alone is
+   planned from that).
 2. The trainers' own loaders build every model as shapes (`plan.models`): frozen bases once
    however many models share them, adapters, heads, optimizer states.
 3. Each phase is the trainers' own jitted function (`plan.tasks`), lowered with arguments that
@@ -118,6 +119,10 @@ def make_plan(c: Any, topology: Topology, config_name: str = "", compile: bool =
   models = models_lib.abstract_models(c, optimizers)
   state, estimates = _estimates(c, models, est.Mesh(**sizes))
   reports = {name: PhaseReport(name, memory) for name, memory in estimates.items()}
+  unknown = sorted(set(only or ()) - set(reports))
+  if unknown:
+    raise TopologyError(f"--phases: {', '.join(unknown)} not among this task's phases "
+                        f"({', '.join(reports)})")
   # Without target devices an abstract mesh of the same sizes still gives every shard shape.
   target_devices = devices if devices is not None else topology.num_devices
   mesh, rules = phases.phase_layout(c, target_devices, "state")
@@ -133,7 +138,7 @@ def make_plan(c: Any, topology: Topology, config_name: str = "", compile: bool =
       r.compiled = phases.compile_phase(phase)
       r.compile_seconds = time.perf_counter() - t
       log.info("plan: compiled %s for %s in %.1f s", phase.name, topology.name,
-                   r.compile_seconds)
+               r.compile_seconds)
   return Plan(config_name, topology, target, sizes, resident, state, list(reports.values()),
               time.perf_counter() - start)
 
@@ -172,8 +177,8 @@ def _estimates(c: Any, models: Any, mesh: est.Mesh) -> tuple[est.Memory, dict[st
   value = m.get("value")
   state = est.state(models.bases, [m["policy"]] + ([value] if value else []), [m["reward"]],
                     mesh)
-  rows, length, n = p.batch_size * r.num_samples, c.data.max_prompt_len + r.max_new_tokens, \
-      r.max_new_tokens
+  n = r.max_new_tokens
+  rows, length = p.batch_size * r.num_samples, c.data.max_prompt_len + n
   micro = rows // (p.num_minibatches * p.grad_accum)
   forwards = [(est.Model(m["policy"].cfg, None), n), (m["reward"], 0)] + (
       [(value, 0)] if value else []) + ([(m["policy"], n)] if ppo.recompute_logprobs(r) else [])
@@ -215,9 +220,9 @@ def report(plan: Plan) -> str:
   from perl_jax.benchmarks import _row
 
   t = plan.topology
+  mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
   lines = [f"{plan.config_name or 'config'} on {t.name}: {t.describe()}",
-           f"mesh: " + " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
-           + f"; {plan.target}", ""]
+           f"mesh: {mesh}; {plan.target}", ""]
 
   def table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -225,8 +230,8 @@ def report(plan: Plan) -> str:
                  + [_row(r, widths) for r in rows] + [""])
 
   e = plan.resident_estimate
-  held = [("params (frozen)", "params", e.params), ("adapters / trainable", "trainable",
-                                                      e.trainable),
+  held = [("params (frozen)", "params", e.params),
+          ("adapters / trainable", "trainable", e.trainable),
           ("optimizer state", "optimizer", e.optimizer)]
   table(["held throughout, per device", "sharded", "estimate"],
         [[label, _size(plan.resident[k]), _size(v)] for label, k, v in held])

@@ -56,7 +56,7 @@ def cli(c, topology_name: str, memory_gb: float | None = None, config_name: str 
       topo = topology.with_memory(topo, memory_gb)
     result = plan.make_plan(c, topo, config_name, compile=compile, only=only)
   except topology.TopologyError as e:
-    print(f"perl_jax.plan: bad topology: {' '.join(str(e).split())}", file=sys.stderr)
+    print(f"perl_jax.plan: bad flag: {' '.join(str(e).split())}", file=sys.stderr)
     return train.EXIT_BAD_INPUT
   except train.BAD_INPUT as e:
     print(train.error_message(e).replace("perl_jax.train", "perl_jax.plan"), file=sys.stderr)

@@ -52,8 +52,11 @@ def placed_trees(models: Models, mesh, rules, optimizers: dict[str, Any]) -> dic
   return out
 
 
-def ppo_phases(c: Any, models: Models, placed: dict, optimizers: dict, devices: Sequence[Any],
-               layout=ph.phase_layout) -> list[ph.Phase]:
+def ppo_phases(c: Any, models: Models, placed: dict, optimizers: dict,
+               devices: Sequence[Any] | int, layout=ph.phase_layout) -> list[ph.Phase]:
+  """PPO's phases, each on `layout(c, devices, name)`. The held state comes placed (`placed`)
+  on the state's layout, which every phase shares today; a phase with a layout of its own would
+  take its state resharded, which is not planned yet."""
   from perl_jax import sampling
   from perl_jax.trainers import ppo
 
@@ -138,7 +141,7 @@ def kv_cache_bytes(cfg, rows: int, length: int, mesh, rules) -> int:
 
 
 def train_phase(c: Any, models: Models, placed: dict, optimizers: dict,
-                devices: Sequence[Any], layout=ph.phase_layout) -> list[ph.Phase]:
+                devices: Sequence[Any] | int, layout=ph.phase_layout) -> list[ph.Phase]:
   """The SFT or reward train step on one data.batch_size batch."""
   from perl_jax.trainers import reward, sft
 

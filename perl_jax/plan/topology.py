@@ -33,7 +33,7 @@ GiB = 2 ** 30
 
 
 class TopologyError(ValueError):
-  """An unknown topology name, or one this process cannot compile for as asked."""
+  """An unknown topology (or phase) name, or a topology this process cannot compile for."""
 
 
 @dataclasses.dataclass(frozen=True)
