@@ -30,8 +30,8 @@ _PHASES = flags.DEFINE_list(
     "phases", None, "Compile only these phases (e.g. generate,update/policy); the others get "
     "the analytic estimate.")
 _COMPILE = flags.DEFINE_bool(
-    "compile", True, "Compile every phase for the topology where possible; --nocompile prints "
-    "the analytic estimate only.")
+    "compile", True, "Compile every phase for the topology where possible; --nocompile gives "
+    "shard shapes and the analytic estimate only.")
 
 
 def _host_devices(n: int) -> None:
