@@ -47,8 +47,9 @@ import orbax.checkpoint as ocp
 
 PREEMPTED_EXIT_CODE = 75
 # Config keys that may differ between a checkpoint and the run resuming it: they change how long
-# the run goes and what it writes, not what it computes.
-RESUMABLE_KEYS = ("total_iterations", "log_every", "progress", "workdir", "checkpoint")
+# the run goes and what it writes, or where arrays live (the mesh: a checkpoint restores into
+# any layout, equal up to float summation order), not what it computes.
+RESUMABLE_KEYS = ("total_iterations", "log_every", "progress", "workdir", "checkpoint", "mesh")
 
 
 class CheckpointMismatchError(ValueError):
@@ -116,14 +117,25 @@ def config_differences(saved: Mapping, current: Mapping) -> list[str]:
           for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
 
 
+@jax.jit
+def _all_finite(xs: list) -> list:
+  return [jnp.isfinite(x).all() for x in xs]
+
+
 def nonfinite_leaves(tree: Any) -> list[str]:
   """Paths of the floating-point leaves of `tree` that hold a NaN or infinity."""
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   floats = [(p, x) for p, x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  if not floats:
-    return []
-  finite = jax.device_get([jnp.isfinite(x).all() for _, x in floats])  # one transfer
-  return [jax.tree_util.keystr(p) for (p, _), ok in zip(floats, finite) if not ok]
+  # One program per set of devices, not one eager op per leaf: on a mesh each of those would
+  # compile and dispatch a collective program of its own.
+  groups: dict[Any, list[int]] = {}
+  for i, (_, x) in enumerate(floats):
+    where = frozenset(x.sharding.device_set) if isinstance(x, jax.Array) else None
+    groups.setdefault(where, []).append(i)
+  finite = {}
+  for rows in groups.values():
+    finite.update(zip(rows, jax.device_get(_all_finite([floats[i][1] for i in rows]))))
+  return [jax.tree_util.keystr(p) for i, (p, _) in enumerate(floats) if not finite[i]]
 
 
 class Checkpointer:
@@ -155,7 +167,9 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def restore(self, template: Any) -> tuple[Any, dict] | None:
-    """(state, meta) of the latest checkpoint, shaped like `template`; None if there is none."""
+    """(state, meta) of the latest checkpoint, shaped like `template` and placed on its
+    arrays' shardings (so a sharded trainer restores into its own layout, whichever layout
+    wrote the checkpoint); None if there is none."""
     step = self._manager.latest_step()
     if step is None:
       return None

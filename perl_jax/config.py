@@ -10,7 +10,9 @@ line, and `validate` rejects unknown keys (set in Python) and inconsistent value
 from __future__ import annotations
 
 import difflib
+import math
 import os
+from typing import Any
 
 import ml_collections as mlc
 
@@ -38,6 +40,7 @@ def base(task: str) -> mlc.ConfigDict:
   c.checkpoint = checkpoint()
   c.lora = lora()
   c.data = data()
+  c.mesh = mesh()
   # Used only when no checkpoint is given (policy.init == ""): a random model of this shape.
   c.model = model()
   return c
@@ -69,6 +72,25 @@ def optimizer() -> mlc.ConfigDict:
   # and counted; this many skips in a row stop the run, naming the step and what was wrong.
   o.max_consecutive_skips = 5
   return o
+
+
+def mesh() -> mlc.ConfigDict:
+  """The device mesh every trainer runs on (`perl_jax.sharding`, `perl_jax/trainers/layout.py`).
+
+  One size may be -1: it takes the devices the others leave. Without a -1 the product must
+  divide the device count and the run uses the first data x fsdp x tensor devices. Batches
+  (data.batch_size; PPO's prompts and microbatches) must divide over data x fsdp.
+  """
+  m = mlc.ConfigDict()
+  m.data = 1  # splits the batch; params replicated (data parallelism)
+  m.fsdp = -1  # splits the batch and the params' embed dimension (FSDP / ZeRO-3)
+  m.tensor = 1  # splits heads, KV heads, MLP width and vocab (Megatron tensor parallelism)
+  # Overrides of entries of the logical-axis rules table (sharding.LOGICAL_RULES), as
+  # "logical=axes" separated by commas; axes are mesh axes joined by "+", or "none"
+  # (replicated): e.g. "kv_heads=none,embed=fsdp+data". Unlisted names keep their entry; the
+  # table keeps its order (it matters: see perl_jax/sharding.py).
+  m.rules = ""
+  return m
 
 
 def checkpoint() -> mlc.ConfigDict:
@@ -257,6 +279,87 @@ def validate(c: mlc.ConfigDict) -> None:
     for key in ("epochs", "batch_size", "num_minibatches", "grad_accum"):
       if p[key] < 1:
         fail(f"ppo.{key}", "must be >= 1")
+  check_mesh(c, _device_count())
+
+
+# --- The mesh: sizes, rules, and batches that split over it -----------------------------------
+
+
+def _device_count() -> int:
+  import jax  # only here: the rest of this module never needs a backend
+
+  return jax.device_count()
+
+
+def mesh_sizes(c: mlc.ConfigDict, num_devices: int) -> dict[str, int]:
+  """{'data', 'fsdp', 'tensor'} sizes of `config.mesh` on `num_devices` devices (-1 resolved)."""
+  sizes = {axis: c.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+  for axis, size in sizes.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise ConfigError(f"config.mesh.{axis}: {size!r} must be an integer >= 1, or -1 (the "
+                        "devices the other axes leave)")
+  free = [a for a, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ConfigError(f"config.mesh.{free[1]}: only one of mesh.data, mesh.fsdp, mesh.tensor "
+                      f"may be -1 (mesh.{free[0]} is -1 too)")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  where = f"{num_devices} device{'s' if num_devices != 1 else ''}"
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f"config.mesh.{free[0]}=-1: the other mesh sizes multiply to {fixed}, "
+                        f"which does not divide the {where}")
+    sizes[free[0]] = num_devices // fixed
+  elif num_devices % fixed:
+    raise ConfigError(f"config.mesh: data x fsdp x tensor = {sizes['data']} x {sizes['fsdp']} "
+                      f"x {sizes['tensor']} = {fixed} does not divide the {where}")
+  return sizes
+
+
+def mesh_rules(c: mlc.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """`sharding.LOGICAL_RULES` with the entries `config.mesh.rules` overrides, in table order."""
+  from perl_jax import sharding
+
+  table = dict(sharding.LOGICAL_RULES)
+  text = c.mesh.rules
+  if not isinstance(text, str):
+    raise ConfigError(f"config.mesh.rules: {text!r} must be a string like "
+                      "'kv_heads=none,embed=fsdp+data'")
+  for entry in filter(None, (e.strip() for e in text.split(","))):
+    name, sep, axes = (x.strip() for x in entry.partition("="))
+    if not sep or not name:
+      raise ConfigError(f"config.mesh.rules: entry {entry!r} is not 'logical=axes' (axes: mesh "
+                        "axes joined by '+', or 'none')")
+    if name not in table:
+      raise ConfigError(f"config.mesh.rules: unknown logical axis {name!r}; known: "
+                        f"{', '.join(table)}")
+    parts = [] if axes.lower() in ("", "none") else [a.strip() for a in axes.split("+")]
+    unknown = [a for a in parts if a not in sharding.MESH_AXES]
+    if unknown or len(set(parts)) != len(parts):
+      raise ConfigError(f"config.mesh.rules: {entry!r}: mesh axes must be distinct names from "
+                        f"{sharding.MESH_AXES} (or 'none'), got {axes!r}")
+    table[name] = None if not parts else parts[0] if len(parts) == 1 else tuple(parts)
+  return tuple(table.items())
+
+
+def check_mesh(c: mlc.ConfigDict, num_devices: int) -> tuple[dict[str, int], tuple]:
+  """(mesh sizes, rules) of `config.mesh`; raises `ConfigError` naming the key for a mesh that
+  does not fit `num_devices` or a batch that does not split over data x fsdp."""
+  sizes = mesh_sizes(c, num_devices)
+  rules = mesh_rules(c)
+  shards = sizes["data"] * sizes["fsdp"]
+  over = f"over mesh data x fsdp = {sizes['data']} x {sizes['fsdp']} = {shards} batch shards"
+  if c.task in ("sft", "reward") and c.data.batch_size % shards:
+    raise ConfigError(f"config.data.batch_size: {c.data.batch_size} examples do not split {over}")
+  if c.task == "ppo":
+    p = c.ppo
+    if p.batch_size % shards:
+      raise ConfigError(f"config.ppo.batch_size: {p.batch_size} prompts do not split {over}")
+    micro = p.batch_size * c.rollout.num_samples // (p.num_minibatches * p.grad_accum)
+    if micro % shards:
+      raise ConfigError(
+          f"config.ppo.num_minibatches: a microbatch of {micro} responses (ppo.batch_size x "
+          f"rollout.num_samples / (ppo.num_minibatches x ppo.grad_accum)) does not split {over}")
+  return sizes, rules
 
 
 def _validate_data_source(c: mlc.ConfigDict, fail) -> None:

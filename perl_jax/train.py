@@ -120,7 +120,7 @@ def _ppo_with_prerequisites(c, workdir: str, prompts_cut: int) -> dict:
     if not c.policy.init:
       sc = config.sft_config()
       sc.seed, sc.dtype, sc.progress = c.seed, c.dtype, c.progress
-      sc.model = c.model
+      sc.model, sc.mesh = c.model, c.mesh
       sc.total_iterations = c.synthetic.sft_steps
       sc.data.train, sc.data.eval = data["sft_train"], data["sft_eval"]
       sc.data.max_prompt_len, sc.data.max_response_len = (c.data.max_prompt_len,
@@ -129,7 +129,7 @@ def _ppo_with_prerequisites(c, workdir: str, prompts_cut: int) -> dict:
     if not c.reward.init:
       rc = config.reward_config()
       rc.seed, rc.dtype, rc.progress = c.seed, c.dtype, c.progress
-      rc.policy.init = c.policy.init
+      rc.policy.init, rc.mesh = c.policy.init, c.mesh
       rc.total_iterations = c.synthetic.reward_steps
       rc.data.train, rc.data.eval, rc.data.prompts = (data["pref_train"], data["pref_eval"],
                                                      data["prompts"])

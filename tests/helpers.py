@@ -15,6 +15,13 @@ import numpy as np
 from perl_jax import lora
 
 
+def one_device(c):
+  """`c` on a 1 x 1 x 1 mesh over devices[:1]: trainer tests run as on a one-device machine
+  (conftest.py gives every test 8 host devices; tests/test_sharded_trainers.py covers layouts)."""
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  return c
+
+
 def random_params(model, seed: int = 0, std: float = 0.02, head_scale: float = 1.0) -> dict:
   """Random params with the structure of `init_params(model, ...)`, built without compiling.
 

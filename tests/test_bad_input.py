@@ -26,7 +26,7 @@ from perl_jax.models import Transformer, save_hf_checkpoint, tiny_config
 from perl_jax.models.hf import CheckpointError
 from perl_jax.tokenizers import load_tokenizer
 from perl_jax.trainers import common, ppo, reward, sft
-from tests.helpers import random_adapters, random_params
+from tests.helpers import one_device, random_adapters, random_params
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = lora.LoraConfig(rank=4, alpha=8.0, targets=lora.ATTENTION_TARGETS)
@@ -80,7 +80,8 @@ def _good_lines(assets, n: int = 40) -> list[str]:
 
 def _config(task: str, assets, **keys) -> config.mlc.ConfigDict:
   """A small config of `task` on the assets; keys are "section__key" overrides."""
-  c = {"sft": config.sft_config, "reward": config.reward_config, "ppo": config.ppo_config}[task]()
+  c = one_device({"sft": config.sft_config, "reward": config.reward_config,
+                  "ppo": config.ppo_config}[task]())
   c.policy.init = str(assets["policy"])
   c.progress, c.total_iterations, c.data.batch_size = False, 1, 8
   if task == "sft":

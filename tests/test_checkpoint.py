@@ -19,7 +19,7 @@ from perl_jax import checkpoint, config
 from perl_jax.metrics import MetricsWriter
 from perl_jax.models import Transformer, init_params, save_hf_checkpoint
 from perl_jax.trainers import common, ppo
-from tests.helpers import ppo_prereqs
+from tests.helpers import one_device, ppo_prereqs
 
 WORKER = str(Path(__file__).with_name("resume_worker.py"))
 
@@ -163,7 +163,7 @@ def ppo_setup(tmp_path_factory):
                "data.prompts": data["prompts"], "total_iterations": 6, "eval_every": 3,
                "log_every": 1, "progress": False, "ppo.batch_size": 8,
                "rollout.max_new_tokens": 6, "checkpoint.every_steps": 2,
-               "checkpoint.every_minutes": 0.0}
+               "checkpoint.every_minutes": 0.0, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
   path = wd / "overrides.json"
   path.write_text(json.dumps(overrides))
   straight = wd / "straight"
@@ -280,7 +280,7 @@ def ppo_setup_state(c):
 def test_sft_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   from perl_jax import train
 
-  c = config.sft_config()
+  c = one_device(config.sft_config())
   c.total_iterations, c.log_every, c.eval_every, c.progress = 6, 1, 3, False
   c.checkpoint.every_steps, c.checkpoint.every_minutes = 0, 0.0
   c.model.num_layers = 1
@@ -315,7 +315,7 @@ def test_same_seed_same_metrics_and_samples_other_seed_other_samples(tmp_path):
   from perl_jax import train
 
   def run(name, seed):
-    c = config.sft_config()
+    c = one_device(config.sft_config())
     c.total_iterations, c.log_every, c.eval_every, c.progress = 4, 1, 2, False
     c.model.num_layers, c.seed = 1, seed
     train.run(c, str(tmp_path / name))

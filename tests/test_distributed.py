@@ -144,8 +144,8 @@ def test_summary_is_written_only_by_process_zero(tmp_path, monkeypatch, primary)
   from perl_jax.trainers import sft
 
   monkeypatch.setattr(distributed, "is_primary", lambda: primary)
-  monkeypatch.setattr(train, "check_inputs", lambda c, workdir: {})
-  monkeypatch.setattr(sft, "train", lambda c, workdir: {"loss": 0.5})
+  monkeypatch.setattr(train, "check_inputs", lambda c, workdir: {"data.train": 0})
+  monkeypatch.setattr(sft, "train", lambda c, workdir, train_prompts_cut: {"loss": 0.5})
   assert train.run(config.sft_config(), str(tmp_path)) == {"loss": 0.5}
   summary = tmp_path / "summary.json"
   assert summary.exists() == primary

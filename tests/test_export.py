@@ -25,7 +25,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from helpers import random_adapters, tiny_hf_model
+from helpers import one_device, random_adapters, tiny_hf_model
 from perl_jax import export as export_lib
 from perl_jax.lora import ALL_TARGETS, ATTENTION_TARGETS, LoraConfig
 from perl_jax.models import Transformer
@@ -249,7 +249,7 @@ def test_lora_sft_run_exports_as_peft(tmp_path):
   base = tmp_path / "base"
   vocab = len(synthetic.build_tokenizer(base))
   tiny_hf_model("llama", base, vocab_size=vocab, seed=2)
-  c = config.sft_config()
+  c = one_device(config.sft_config())
   c.policy.init, c.lora.rank, c.lora.alpha = str(base), 4, 8.0
   c.total_iterations, c.log_every, c.eval_every, c.progress = 3, 3, 3, False
   c.data.batch_size, c.optimizer.lr = 8, 0.05  # large steps: the adapters move off B = 0

@@ -5,10 +5,11 @@ import json
 import pytest
 
 from perl_jax import config, train
+from tests.helpers import one_device
 
 
 def _reduced_config():
-  c = config.ppo_config()  # what configs/ppo_lora.py returns
+  c = one_device(config.ppo_config())  # what configs/ppo_lora.py returns, on one device
   c.synthetic.sft_steps, c.synthetic.reward_steps = 100, 60
   c.total_iterations, c.eval_every, c.progress = 12, 100, False
   c.ppo.batch_size = 16

@@ -14,7 +14,7 @@ from perl_jax.data import jsonl, synthetic
 from perl_jax.sampling import SamplingConfig
 from perl_jax.tokenizers import load_tokenizer
 from perl_jax.trainers import common, ppo
-from tests.helpers import ppo_prereqs
+from tests.helpers import one_device, ppo_prereqs
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def prereqs(tmp_path_factory):
 
 
 def _config(prereqs, **ppo_overrides):
-  c = config.ppo_config()
+  c = one_device(config.ppo_config())
   c.policy.init, c.reward.init, c.data.prompts = (prereqs["policy"], prereqs["reward"],
                                                   prereqs["prompts"])
   c.total_iterations, c.eval_every, c.progress = 2, 1, False

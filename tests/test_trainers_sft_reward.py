@@ -16,7 +16,7 @@ import pytest
 from perl_jax import config, lora, rl
 from perl_jax.models import Transformer, load_hf_checkpoint, tiny_config
 from perl_jax.trainers import common, reward, sft
-from tests.helpers import random_params
+from tests.helpers import one_device, random_params
 
 VOCAB = 32
 
@@ -208,10 +208,10 @@ NORM_SAMPLES = 64
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
-  c = config.sft_config()
+  c = one_device(config.sft_config())
   c.total_iterations, c.log_every, c.eval_every, c.progress = SFT_STEPS, 20, SFT_STEPS, False
   sft_out = sft.train(c, str(root / "sft"))
-  r = config.reward_config()
+  r = one_device(config.reward_config())
   r.total_iterations, r.log_every, r.eval_every, r.progress = REWARD_STEPS, 10, 15, False
   r.policy.init = sft_out["hf_dir"]
   r.reward.num_samples_for_norm = NORM_SAMPLES

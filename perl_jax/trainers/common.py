@@ -116,17 +116,27 @@ class Model:
 
 
 class BaseCache:
-  """Loads each frozen base checkpoint once; models built on the same path share its arrays."""
+  """Loads each frozen base checkpoint once; models built on the same path share its arrays.
 
-  def __init__(self, dtype: str = "float32"):
+  With a `layout` (`perl_jax.trainers.layout.Layout`) bases go from host memory straight to
+  their shards, and `load_model` places every model it builds with the same layout; without
+  one, arrays live on the default device.
+  """
+
+  def __init__(self, dtype: str = "float32", layout: Any = None):
     self.dtype = dtype
+    self.layout = layout
     self._loaded: dict[str, tuple[ModelConfig, Params]] = {}
 
   def get(self, path: str) -> tuple[ModelConfig, Params]:
     key = os.path.realpath(path)
     if key not in self._loaded:
       cfg, params = load_hf_checkpoint(path, dtype=self.dtype)
-      self._loaded[key] = (cfg, jax.device_put(params))  # one transfer, no per-shape programs
+      if self.layout is None:
+        params = jax.device_put(params)  # one transfer, no per-shape programs
+      else:
+        params = self.layout.place(Transformer(cfg), {"params": params})["params"]
+      self._loaded[key] = (cfg, params)
     return self._loaded[key]
 
 
@@ -418,15 +428,29 @@ def load_model(init: str, *, head: str, lora: lora_lib.LoraConfig | None, cache:
   head: "lm" or "scalar". A scalar model started from a causal LM gets a fresh head. With a
   LoRA config, the checkpoint's weights are frozen and fresh adapters (plus the head) train;
   without, every parameter trains. A perl_jax directory brings its own trained adapters and LoRA
-  config, which take precedence over `lora`.
+  config, which take precedence over `lora`. Arrays are placed by `cache.layout`, if any.
   """
+  return _placed(_load_model(init, head, lora, cache, rng, scratch), cache.layout)
+
+
+def _placed(model: Model, layout: Any) -> Model:
+  """`model` with its trainable tree on `layout` (the frozen one comes placed from the cache)."""
+  if layout is not None:
+    model.trainable = layout.place(model.module, model.trainable)
+  return model
+
+
+def _load_model(init: str, head: str, lora: lora_lib.LoraConfig | None, cache: BaseCache,
+                rng: jax.Array, scratch: ModelConfig | None) -> Model:
   rng_adapters, rng_head, rng_init = jax.random.split(rng, 3)
+  layout = cache.layout
   if not init:
     if scratch is None:
       raise ValueError("no checkpoint given and no model shape to start from")
     cfg = scratch.replace(head=head)
-    params = init_params(Transformer(cfg), rng_init)
-    return _assemble(cfg, params, lora, None, None, rng_adapters)
+    params = (init_params(Transformer(cfg), rng_init) if layout is None
+              else layout.init_params(Transformer(cfg), rng_init))
+    return _assemble(cfg, params, lora, None, None, rng_adapters, layout)
   path = Path(init)
   if (path / META_FILE).exists():
     return _load_perl_jax_dir(path, head, cache, rng_head)
@@ -441,17 +465,23 @@ def load_model(init: str, *, head: str, lora: lora_lib.LoraConfig | None, cache:
     params = {**{k: v for k, v in params.items() if k != "lm_head"}, **fresh_head(cfg, rng_head)}
     cfg = cfg.replace(head="scalar")
   tokenizer_dir = str(path) if (path / "tokenizer_config.json").exists() else None
-  return _assemble(cfg, params, lora, str(path), tokenizer_dir, rng_adapters)
+  return _assemble(cfg, params, lora, str(path), tokenizer_dir, rng_adapters, layout)
 
 
 def _assemble(cfg: ModelConfig, params: Params, lora: lora_lib.LoraConfig | None,
-              base: str | None, tokenizer_dir: str | None, rng: jax.Array) -> Model:
+              base: str | None, tokenizer_dir: str | None, rng: jax.Array,
+              layout: Any = None) -> Model:
   if lora is None:  # full fine-tuning: own copies, so updates never alias a shared base
     trainable = {"params": jax.tree.map(jnp.copy, params)}
     return Model(Transformer(cfg), {"params": {}}, trainable, None, tokenizer_dir)
   module = Transformer(cfg, lora=lora)
-  adapters = lora_lib.init_adapters(module, params, rng)
+  adapters = (lora_lib.init_adapters(module, params, rng) if layout is None
+              else layout.init_adapters(module, params, rng))
   head, rest = _split_head(params, cfg)
+  # A head from a cached base is copied: trainers donate trainable trees to their update
+  # steps, which would delete the cache's array under every other model built on that base
+  # (PPO's reward and value models from one ForSequenceClassification checkpoint).
+  head = jax.tree.map(jnp.copy, head)
   trainable = {"lora": adapters, **({"params": head} if head else {})}
   return Model(module, {"params": rest}, trainable, base, tokenizer_dir)
 
@@ -487,7 +517,9 @@ def _load_perl_jax_dir(path: Path, head: str, cache: BaseCache, rng: jax.Array) 
   peek(str(path))  # meta, tensor shapes, base architecture and fingerprint: before any weights
   meta, cfg, lcfg = _read_meta(path)
   cfg = cfg.replace(dtype=cache.dtype, param_dtype=cache.dtype)
-  trainable = jax.tree.map(lambda x: jnp.asarray(x, cfg.weight_dtype),
+  # With a layout, host arrays go straight to their shards (`_placed`), never whole to one device.
+  to_array = jnp.asarray if cache.layout is None else np.asarray
+  trainable = jax.tree.map(lambda x: to_array(x, jnp.dtype(cfg.weight_dtype)),
                            unflatten(load_file(str(path / TRAINABLE_FILE))))
   frozen: Params = {"params": {}}
   if meta["base"] is not None:

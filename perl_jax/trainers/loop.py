@@ -38,13 +38,15 @@ def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state
         frozen: Params, train_batches: Batches, rng: jax.Array,
         bases: Mapping[str, str | None], setup_metrics: Mapping[str, float],
         evaluate: Callable[[Params], dict], log_eval: Callable[[Any, int, Params], None],
-        progress_keys: tuple[str, ...]) -> tuple[Params, Any, dict, Any]:
+        progress_keys: tuple[str, ...], layout: Any = None) -> tuple[Params, Any, dict, Any]:
   """Steps 1..c.total_iterations (from the latest checkpoint on); returns (trainable,
   opt_state, metrics of the last evaluation, the still open `MetricsWriter`).
 
   `train_batches` yields the step's batch dicts (exactly the step function's keys).
   `evaluate(trainable)` returns held-out metrics; `log_eval(writer, step, trainable)` writes any
-  extra evaluation output (e.g. decoded samples).
+  extra evaluation output (e.g. decoded samples). With a `layout` (`trainers.layout.Layout`)
+  each batch is split over its ('data', 'fsdp') axes; the state arrays come placed, and a
+  checkpoint restores into their shardings.
   """
   from perl_jax.metrics import MetricsWriter
 
@@ -52,6 +54,7 @@ def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state
     raise NotImplementedError(
         f"{train_batches.process_count} processes: the input pipeline shards batches by "
         "process, but the trainers do not yet assemble the shards into global arrays")
+  place_batch = (lambda b: b) if layout is None else layout.shard_batch
 
   ckpt = checkpoint.Checkpointer(workdir, c, bases)
   skips = common.SkipCounter(c.optimizer.max_consecutive_skips)
@@ -83,8 +86,8 @@ def run(c: Any, workdir: str, *, step_fn: Callable, trainable: Params, opt_state
       batch = next(stream)
       waited += time.perf_counter() - t0
       position = batch.position + 1
-      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch.arrays, rng,
-                                              step)
+      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen,
+                                              place_batch(batch.arrays), rng, step)
       metrics = skips.update(step, metrics)
       last = step == c.total_iterations
       if step % c.log_every == 0 or last:

@@ -40,6 +40,7 @@ from perl_jax import checkpoint, rl
 from perl_jax import lora as lora_lib
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
 from perl_jax.trainers import common
+from perl_jax.trainers.layout import Layout
 from perl_jax.trainers.reward import last_token
 
 Params = Any
@@ -216,8 +217,10 @@ def make_update_fn(c, policy, value, policy_opt, value_opt) -> Callable:
                                      temperature, rngs)
     pg, pg_metrics = rl.policy_loss(logp, mb["logp"], mb["adv"], mask, p.clip_eps,
                                     p.dual_clip or None)
-    entropy = rl.entropy_from_logits(logits, mask, temperature)
-    loss = pg - p.entropy_coef * entropy
+    # Without an entropy bonus the entropy is a metric only: no backward pass through it.
+    entropy = rl.entropy_from_logits(logits if p.entropy_coef else jax.lax.stop_gradient(logits),
+                                     mask, temperature)
+    loss = pg - p.entropy_coef * entropy if p.entropy_coef else pg
     metrics = {"loss/policy_avg": pg, "policy/entropy_avg": entropy,
                "policy/approxkl_avg": pg_metrics["approxkl"],
                "policy/clipfrac_avg": pg_metrics["clipfrac"], "val/ratio": pg_metrics["ratio"],
@@ -366,11 +369,19 @@ def prompt_records(c) -> Any:
 
 def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = None,
           prompts_cut: int | None = None) -> dict:
-  """Runs c.total_iterations PPO iterations; returns a summary (gold reward when `gold_fn`).
+  """Runs c.total_iterations PPO iterations on the mesh of `config.mesh` (`trainers.layout`);
+  returns a summary (gold reward when `gold_fn`).
 
   `prompts_cut`: the prompts longer than ``data.max_prompt_len``, when
   `perl_jax.train.check_inputs` has counted them already; None counts them here (one pass).
   """
+  layout = Layout.from_config(c)
+  with layout.activate():
+    return _train(c, workdir, gold_fn, layout, prompts_cut)
+
+
+def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
+           layout: Layout, prompts_cut: int | None) -> dict:
   from perl_jax.data import jsonl, sources
   from perl_jax.data.pipeline import Batches
   from perl_jax.metrics import MetricsWriter
@@ -381,7 +392,7 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   rng, model_rng = jax.random.split(rng)
   np_rng = np.random.default_rng(c.seed)
   tokenizer = common.checked_tokenizer(c.policy.init)  # before anything compiles
-  cache = common.BaseCache(c.dtype)
+  cache = common.BaseCache(c.dtype, layout)  # every model placed on the mesh as it loads
   models = load_models(c, cache, model_rng)
   policy, value = models.policy, models.value
   eos, pad = eos_ids(tokenizer, policy.cfg), int(tokenizer.pad_token_id)
@@ -402,7 +413,9 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   if prompt_batches.process_count > 1:
     raise NotImplementedError("multi-host PPO: the prompt shards are not assembled into global "
                               "arrays yet")
-  eval_rows = np_rng.choice(len(prompts), min(64, len(prompts)), replace=False)
+  shards = layout.batch_shards  # divides ppo.batch_size <= len(prompts)
+  n_eval = max(min(64, len(prompts)) // shards, 1) * shards
+  eval_rows = np_rng.choice(len(prompts), n_eval, replace=False)
   eval_prompts = fmt.records(prompt_batches.fetch(eval_rows), "prompts")
   eval_tokens, eval_mask = encode_prompts(eval_prompts)
   ptx_data = None
@@ -417,9 +430,9 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   eval_scfg = dataclasses.replace(scfg, num_samples=1)
   policy_opt = common.make_optimizer(c.optimizer)
   value_opt = common.make_optimizer(c.optimizer, lr=c.ppo.value_lr or None)
-  pol_state = TrainState(policy.trainable, policy_opt.init(policy.trainable))
-  val_state = None if value is None else TrainState(value.trainable,
-                                                    value_opt.init(value.trainable))
+  pol_state = TrainState(policy.trainable, layout.init_opt_state(policy_opt, policy.trainable))
+  val_state = None if value is None else TrainState(
+      value.trainable, layout.init_opt_state(value_opt, value.trainable))
   frozen = {"policy": policy.frozen, "value": None if value is None else value.frozen}
   ref_vars = {"params": models.reference_params}
   reward_vars = models.reward.variables()
@@ -444,7 +457,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
   def evaluate(it: int, rng) -> dict:
     """Reward score, KL to the reference and (synthetic task) gold reward of fresh samples."""
     tokens, mask, resp_mask, ended, sampler_logp = rollout(
-        policy.module, policy_vars(pol_state), eval_tokens, eval_mask, rng, eval_scfg, eos, pad)
+        policy.module, policy_vars(pol_state), *layout.shard_batch((eval_tokens, eval_mask)),
+        rng, eval_scfg, eos, pad)
     logp, ref_logp, _, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                          reward_affine, value_vars(), tokens, mask, resp_mask,
                                          ended, sampler_logp)
@@ -500,8 +514,9 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
       prompt_batch = next(stream)
       position = prompt_batch.position + 1
       tokens, mask, resp_mask, ended, sampler_logp = rollout(
-          policy.module, policy_vars(pol_state), prompt_batch.arrays["tokens"],
-          prompt_batch.arrays["mask"], k_roll, scfg, eos, pad)
+          policy.module, policy_vars(pol_state),
+          *layout.shard_batch((prompt_batch.arrays["tokens"], prompt_batch.arrays["mask"])),
+          k_roll, scfg, eos, pad)
       t_gen = _ready(tokens, t0)
       logp, ref_logp, values, scores = score_fn(policy_vars(pol_state), ref_vars, reward_vars,
                                                 reward_affine, value_vars(), tokens, mask,
@@ -509,8 +524,8 @@ def train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None = N
       t_score = _ready(scores, t0 + t_gen)
       batch = Rollout(tokens, mask, resp_mask, ended, logp, ref_logp, values, scores)
       adv, returns, reward_stats, metrics = advantages_fn(batch, kl_state, reward_stats)
-      data = {**rollout_arrays(batch, adv, returns),
-              **ptx_batch(ptx_data, tokens.shape[0], np_rng)}
+      data = layout.shard_batch({**rollout_arrays(batch, adv, returns),
+                                 **ptx_batch(ptx_data, tokens.shape[0], np_rng)})
       for epoch in range(c.ppo.epochs):
         pol_state, val_state, update_metrics = update_fn(
             pol_state, val_state, frozen, data, jax.random.fold_in(k_update, epoch),

@@ -40,6 +40,7 @@ from absl import logging
 from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample
 from perl_jax.trainers import common, loop
+from perl_jax.trainers.layout import Layout
 from perl_jax.trainers.sft import dropout_rngs, padded_batches, pick
 
 Params = Any
@@ -258,7 +259,7 @@ def _synthetic_policy(c: Any, workdir: str) -> str:
                      "trains its own policy first")
   s = config_lib.sft_config()
   s.seed, s.dtype, s.progress = c.seed, c.dtype, c.progress
-  s.model = c.model
+  s.model, s.mesh = c.model, c.mesh
   s.data.max_prompt_len, s.data.max_response_len = c.data.max_prompt_len, c.data.max_response_len
   logging.info("reward: no policy.init; training the synthetic SFT policy first")
   return sft.train(s, os.path.join(workdir, "sft"))["hf_dir"]
@@ -272,9 +273,16 @@ def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
 
   `train_prompts_cut`: as for `sft.train` (None: counted here).
 
-  Returns ``{'accuracy' (held-out), 'model_dir', 'gain', 'bias', 'policy_init', 'kind',
-  'seconds', ...}`` plus the normalisation check (``norm/mean``, ``norm/std``).
+  Runs on the mesh of `config.mesh` (`trainers.layout`). Returns ``{'accuracy' (held-out),
+  'model_dir', 'gain', 'bias', 'policy_init', 'kind', 'seconds', ...}`` plus the
+  normalisation check (``norm/mean``, ``norm/std``).
   """
+  layout = Layout.from_config(c)
+  with layout.activate():
+    return _train(c, workdir, layout, train_prompts_cut)
+
+
+def _train(c: Any, workdir: str, layout: Layout, train_prompts_cut: int | None) -> dict:
   from perl_jax.data import jsonl, sources
   from perl_jax.data.pipeline import Batches
   from perl_jax.tokenizers import eos_ids
@@ -295,7 +303,7 @@ def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
   if kind not in ("pairwise", "pointwise"):
     raise ValueError(f"config.reward_model.loss: {kind!r} is not 'pairwise', 'pointwise' or "
                      "'auto'")
-  cache = common.BaseCache(c.dtype)
+  cache = common.BaseCache(c.dtype, layout)
   init = c.reward.init or policy_init
   # The tokenizer is checked against the architecture before anything is loaded or compiled.
   tokenizer = common.checked_tokenizer(
@@ -321,10 +329,13 @@ def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
   optimizer = common.make_optimizer(c.optimizer)
   frozen = model.frozen
   trainable = jax.tree.map(jnp.copy, model.trainable)  # donated below; a kept head may be cached
-  opt_state = optimizer.init(trainable)
+  opt_state = layout.init_opt_state(optimizer, trainable)
   step_fn = make_train_step(model.module, optimizer, kind, c.reward_model.margin,
                             c.reward_model.center_coef)
-  scores = score_fn(model.module)
+  scores_of = score_fn(model.module)
+
+  def scores(variables, tokens_BxT, mask_BxT, *affine):  # batches of data.batch_size rows
+    return scores_of(variables, *layout.shard_batch((tokens_BxT, mask_BxT)), *affine)
 
   n_train, n_frozen = common.count(trainable), common.count(frozen)
   fraction = n_train / (n_train + n_frozen)
@@ -339,7 +350,8 @@ def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
                      "params/prompts_truncated": n_cut},
       evaluate=lambda t: evaluate(scores, common.variables(frozen, t), eval_data, kind,
                                   c.data.batch_size),
-      log_eval=lambda writer, step, t: None, progress_keys=("loss", "accuracy", "eval/accuracy"))
+      log_eval=lambda writer, step, t: None, progress_keys=("loss", "accuracy", "eval/accuracy"),
+      layout=layout)
 
   # --- Normalise on reference-policy samples, save ----------------------------------------
   gain, bias, check = 1.0, 0.0, {}

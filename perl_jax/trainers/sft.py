@@ -43,6 +43,7 @@ from absl import logging
 from perl_jax import rl
 from perl_jax.sampling import SamplingConfig, sample
 from perl_jax.trainers import common, loop
+from perl_jax.trainers.layout import Layout
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -204,8 +205,15 @@ def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
   `train_prompts_cut`: the training prompts longer than ``data.max_prompt_len``, when
   `perl_jax.train.check_inputs` has counted them already; None counts them here (one pass).
 
-  Returns ``{'eval_loss', 'eval_accuracy', 'hf_dir', 'trainable_params', 'seconds'}``.
+  Runs on the mesh of `config.mesh` (`trainers.layout`). Returns ``{'eval_loss',
+  'eval_accuracy', 'hf_dir', 'trainable_params', 'seconds'}``.
   """
+  layout = Layout.from_config(c)
+  with layout.activate():
+    return _train(c, workdir, layout, train_prompts_cut)
+
+
+def _train(c: Any, workdir: str, layout: Layout, train_prompts_cut: int | None) -> dict:
   from perl_jax.data import jsonl, sources
   from perl_jax.data.pipeline import Batches
   from perl_jax.models import save_hf_checkpoint
@@ -216,7 +224,7 @@ def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
 
   # --- Data, tokenizer, model -------------------------------------------------------------
   train_records, eval_records, synthetic_tokenizer, _ = data_records(c, workdir)
-  cache = common.BaseCache(c.dtype)
+  cache = common.BaseCache(c.dtype, layout)
   lcfg = common.lora_from_config(c.lora)
   if c.policy.init:
     tokenizer = common.checked_tokenizer(c.policy.init)  # before anything compiles
@@ -246,9 +254,10 @@ def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
   optimizer = common.make_optimizer(c.optimizer)
   frozen = model.frozen
   trainable = jax.tree.map(jnp.copy, model.trainable)  # donated below: never alias the model's
-  opt_state = optimizer.init(trainable)
+  opt_state = layout.init_opt_state(optimizer, trainable)
   step_fn = make_train_step(model.module, optimizer)
-  eval_fn = make_eval_fn(model.module)
+  per_row = make_eval_fn(model.module)
+  eval_fn = lambda trainable, frozen, batch: per_row(trainable, frozen, layout.shard_batch(batch))
 
   n_train, n_frozen = common.count(trainable), common.count(frozen)
   fraction = n_train / (n_train + n_frozen)
@@ -268,7 +277,7 @@ def train(c: Any, workdir: str, train_prompts_cut: int | None = None) -> dict:
       setup_metrics={"params/trainable": n_train, "params/trainable_fraction": fraction,
                      "params/prompts_truncated": n_cut},
       evaluate=lambda t: evaluate(eval_fn, t, frozen, eval_data, c.data.batch_size),
-      log_eval=log_samples, progress_keys=("loss", "accuracy", "eval/loss"))
+      log_eval=log_samples, progress_keys=("loss", "accuracy", "eval/loss"), layout=layout)
   writer.close()
 
   # --- Save: merged HF checkpoint + tokenizer ---------------------------------------------
