@@ -108,7 +108,7 @@ def make_plan(c: Any, topology: Topology, config_name: str = "", compile: bool =
 
   start = time.perf_counter()
   c = c.copy_and_resolve_references()
-  config_lib.validate(c)
+  config_lib.validate(c, num_devices=topology.num_devices)  # the mesh is the topology's
   for model in ("policy", "reward", "value"):
     if model in c and c[model].init:
       _check_checkpoint(c[model].init)
@@ -125,8 +125,8 @@ def make_plan(c: Any, topology: Topology, config_name: str = "", compile: bool =
                         f"({', '.join(reports)})")
   # Without target devices an abstract mesh of the same sizes still gives every shard shape.
   target_devices = devices if devices is not None else topology.num_devices
-  mesh, rules = phases.phase_layout(c, target_devices, "state")
-  placed = tasks.placed_trees(models, mesh, rules, optimizers)
+  layout = phases.phase_layout(c, target_devices, "state")
+  placed = tasks.placed_trees(models, layout, optimizers)
   resident = {k: phases.resident_bytes(models, placed, k)
               for k in ("params", "trainable", "optimizer")}
   build = tasks.ppo_phases if c.task == "ppo" else tasks.train_phase
@@ -162,7 +162,7 @@ def _check_checkpoint(init: str) -> None:
 
 def _estimates(c: Any, models: Any, mesh: est.Mesh) -> tuple[est.Memory, dict[str, est.Memory]]:
   """(resident state, {phase: whole-phase estimate}) from the models' configs."""
-  from perl_jax.plan.tasks import EVAL_PROMPTS, reward_kind
+  from perl_jax.plan.tasks import eval_rows, reward_kind
   from perl_jax.trainers import ppo
 
   m = {k: est.Model(module.cfg, module.lora) for k, module in models.modules.items()}
@@ -195,10 +195,11 @@ def _estimates(c: Any, models: Any, mesh: est.Mesh) -> tuple[est.Memory, dict[st
   if value:
     out["update/value"] = dataclasses.replace(
         state, activations=est.update(value, micro, length, 0, mesh))
-  if EVAL_PROMPTS > rows:
-    generate("eval generate", EVAL_PROMPTS, 1)
+  n_eval = eval_rows(mesh.batch_shards)
+  if n_eval > rows:
+    generate("eval generate", n_eval, 1)
     out["eval score"] = dataclasses.replace(
-        state, activations=est.score(forwards, EVAL_PROMPTS, length, mesh))
+        state, activations=est.score(forwards, n_eval, length, mesh))
   return state, out
 
 

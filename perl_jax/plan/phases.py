@@ -8,83 +8,57 @@ compiles it for the mesh's devices (host CPUs, or TPU devices from libtpu with n
 present) and reads XLA's memory analysis: argument, output, alias (outputs written into
 donated inputs) and temp bytes, all per device.
 
-Layouts: `phase_layout` gives each phase its mesh and logical-axis rules. Today every phase
-runs on the trainers' one layout; per-phase layouts (a generation layout that differs from the
-training one) will change that one function.
+Layouts: `phase_layout` gives each phase its `perl_jax.trainers.layout.Layout` (mesh and
+logical-axis rules). Today every phase runs on the trainers' one layout (`config.mesh`);
+per-phase layouts (a generation layout that differs from the training one) change that one
+function.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from perl_jax import sharding
-from perl_jax.config import ConfigError
 from perl_jax.lora import path_str
 from perl_jax.plan.models import Models
-
-Rules = sharding.Rules
+from perl_jax.trainers.layout import Layout
 
 
 # --- Layouts --------------------------------------------------------------------------------
 
 
 def mesh_sizes(c: Any, num_devices: int) -> dict[str, int]:
-  """{'data', 'fsdp', 'tensor'} of the mesh the trainers build on `num_devices` devices.
-
-  `config.mesh` where the config has that block (`perl_jax.config.mesh_sizes`), else the
-  default layout: FSDP over every device. Batches that do not split over data x fsdp are a
-  `ConfigError` naming the key, as the trainers report them.
-  """
+  """{'data', 'fsdp', 'tensor'} of `config.mesh` on `num_devices` devices; a mesh or batch that
+  does not fit is a `ConfigError` naming the key (`config.check_mesh`, as the trainers)."""
   from perl_jax import config as config_lib
 
-  if "mesh" in c and hasattr(config_lib, "check_mesh"):
-    return config_lib.check_mesh(c, num_devices)[0]
-  sizes = {"data": 1, "fsdp": num_devices, "tensor": 1}
-  _check_batches(c, sizes["data"] * sizes["fsdp"])
-  return sizes
+  return config_lib.check_mesh(c, num_devices)[0]
 
 
-def _check_batches(c: Any, shards: int) -> None:
-  over = f"over the {shards} batch shards (data x fsdp) of the default mesh"
-  if c.task in ("sft", "reward") and c.data.batch_size % shards:
-    raise ConfigError(f"config.data.batch_size: {c.data.batch_size} examples do not split {over}")
-  if c.task == "ppo":
-    p = c.ppo
-    micro = p.batch_size * c.rollout.num_samples // (p.num_minibatches * p.grad_accum)
-    if p.batch_size % shards:
-      raise ConfigError(f"config.ppo.batch_size: {p.batch_size} prompts do not split {over}")
-    if micro % shards:
-      raise ConfigError(f"config.ppo.num_minibatches: a microbatch of {micro} responses does "
-                        f"not split {over}")
-
-
-def phase_layout(c: Any, devices: Sequence[Any] | int, phase: str) -> tuple[Any, Rules]:
-  """(mesh, logical-axis rules) that `phase` runs on; every phase: the trainers' layout.
+def phase_layout(c: Any, devices: Sequence[Any] | int, phase: str) -> Layout:
+  """The `Layout` (mesh and logical-axis rules) that `phase` runs on; every phase: the
+  trainers' one layout, `Layout.from_config`.
 
   `devices` are the target devices, or their number where there is nothing to compile for:
-  an `AbstractMesh` of the same sizes still gives every array its per-device shard shape.
+  a layout on an `AbstractMesh` of the same sizes still gives every array its shard shape.
   """
   del phase  # one layout for all phases until per-phase layouts exist
   from perl_jax import config as config_lib
 
-  n = devices if isinstance(devices, int) else len(devices)
-  sizes = mesh_sizes(c, n)
-  rules = config_lib.mesh_rules(c) if "mesh" in c and hasattr(config_lib, "mesh_rules") \
-      else sharding.LOGICAL_RULES
-  if isinstance(devices, int):
-    auto = (jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES)
-    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES),
-                                     sharding.MESH_AXES, axis_types=auto), rules
-  used = math.prod(sizes.values())
-  return sharding.make_mesh(**sizes, devices=list(devices)[:used]), rules
+  if not isinstance(devices, int):
+    return Layout.from_config(c, devices)
+  sizes, rules = config_lib.check_mesh(c, devices)
+  auto = (jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES)
+  mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES),
+                                   sharding.MESH_AXES, axis_types=auto)
+  return Layout(mesh, rules)
 
 
 # --- Shapes with shardings ------------------------------------------------------------------
@@ -106,46 +80,33 @@ def _with(x: Any, s: NamedSharding) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
 
-def place_model_tree(module: Any, tree: Any, mesh: Mesh, rules: Rules) -> Any:
-  """`tree` ({'params': ..., 'lora': ...}, any subset) with each leaf's param sharding."""
-  table = _sharding_table(module, mesh, rules)
-  return jax.tree_util.tree_map_with_path(lambda p, x: _with(x, table[path_str(p)]), tree)
-
-
-@functools.lru_cache(maxsize=32)
-def _sharding_table(module: Any, mesh: Mesh, rules: Rules) -> dict[str, NamedSharding]:
-  """{'params/layers_0/attn/q/kernel': NamedSharding, 'lora/...': ...} of one model (each
-  `param_shardings` call traces the model's init, so once per model)."""
-  table = {}
-  collections = ("params", "lora") if module.lora is not None else ("params",)
-  for collection in collections:
-    shardings = sharding.param_shardings(module, mesh, rules, collection=collection)
-    for path, s in jax.tree_util.tree_leaves_with_path(
-        shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
-      table[f"{collection}/{path_str(path)}"] = s
-  return table
+def place_model_tree(module: Any, tree: Any, layout: Layout) -> Any:
+  """`tree` ({'params': ..., 'lora': ...}, any subset) with the shardings the trainers give
+  its leaves (`Layout.shardings`)."""
+  return jax.tree.map(_with, tree, layout.shardings(module, tree))
 
 
 def place_opt_state(optimizer: optax.GradientTransformation, opt_state: Any,
-                    placed_trainable: Any, mesh: Mesh) -> Any:
-  """Optimizer state with moments sharded like their params, the rest (counts) replicated."""
+                    placed_trainable: Any, layout: Layout) -> Any:
+  """Optimizer state with moments sharded like their params, the rest (counts) replicated,
+  as `Layout.init_opt_state` creates it."""
   shardings = jax.tree.map(lambda x: x.sharding, placed_trainable)
   return optax.tree_map_params(optimizer, lambda x, s: _with(x, s), opt_state, shardings,
-                               transform_non_params=lambda x: _with(x, NamedSharding(mesh, P())))
+                               transform_non_params=lambda x: _with(x, layout.replicated))
 
 
-def batch(shape: tuple[int, ...], dtype: Any, mesh: Mesh) -> jax.ShapeDtypeStruct:
+def batch(shape: tuple[int, ...], dtype: Any, layout: Layout) -> jax.ShapeDtypeStruct:
   """A [batch, ...] array split over the batch axes (data x fsdp)."""
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.data_sharding(mesh))
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.data_sharding(layout.mesh))
 
 
-def replicated(shape: tuple[int, ...], dtype: Any, mesh: Mesh) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+def replicated(shape: tuple[int, ...], dtype: Any, layout: Layout) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=layout.replicated)
 
 
-def rng(mesh: Mesh) -> jax.ShapeDtypeStruct:
+def rng(layout: Layout) -> jax.ShapeDtypeStruct:
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-  return replicated(key.shape, key.dtype, mesh)
+  return replicated(key.shape, key.dtype, layout)
 
 
 # --- Phases and their compiled memory -------------------------------------------------------
@@ -160,8 +121,7 @@ class Phase:
   args: tuple  # ShapeDtypeStructs with shardings
   static: dict  # static keyword arguments
   state_args: tuple[int, ...]  # positions of arguments that are resident state (params, ...)
-  mesh: Mesh
-  rules: Rules
+  layout: Layout
   kv_cache: int = 0  # bytes per device of the KV cache (inside temp), from its shape
 
   @property
@@ -192,7 +152,7 @@ class Compiled:
 def lower(phase: Phase) -> Any:
   """The phase's `jax.stages.Lowered`, traced inside its mesh and rules (activation constraints
   are read at trace time)."""
-  with sharding.activate(phase.mesh, phase.rules):
+  with phase.layout.activate():
     return phase.fn.lower(*phase.args, **phase.static)
 
 

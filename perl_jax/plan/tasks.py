@@ -4,10 +4,11 @@ PPO (`perl_jax.trainers.ppo.train`): ``generate`` (the compiled KV-cache sampler
 decode of ppo.batch_size x rollout.num_samples responses), ``score`` (reward, reference, value
 and, when the sampler's log-probs cannot be used, policy forward passes), ``update/policy`` and
 ``update/value`` (one epoch of minibatch steps each, `ppo.make_update_fn`'s two programs), and
-``eval generate`` / ``eval score`` when evaluation (64 prompts, one sample each) has more rows
-than training. SFT and reward: the train step (`make_train_step`). Batches have the trainers'
-fixed shapes: prompts of data.max_prompt_len tokens, rollout.max_new_tokens new ones, SFT and
-preference rows of max_prompt_len + max_response_len + 1.
+``eval generate`` / ``eval score`` when evaluation (64 prompts rounded to whole batch shards,
+one sample each) has more rows than training. SFT and reward: the train step
+(`make_train_step`). Batches have the trainers' fixed shapes: prompts of data.max_prompt_len
+tokens, rollout.max_new_tokens new ones, SFT and preference rows of max_prompt_len +
+max_response_len + 1.
 
 Not compiled: PPO's advantages (a few [rows, N] vectors), evaluation steps of SFT and reward,
 and the reward trainer's normalisation sampling after training.
@@ -24,31 +25,38 @@ import jax.numpy as jnp
 from perl_jax.plan import phases as ph
 from perl_jax.plan.models import Models
 from perl_jax.trainers import common
+from perl_jax.trainers.layout import Layout
 
-EVAL_PROMPTS = 64  # ppo.train evaluates on min(64, number of prompts) prompts
+EVAL_PROMPTS = 64  # ppo.train evaluates on min(64, number of prompts) prompts...
 
 
-def placed_trees(models: Models, mesh, rules, optimizers: dict[str, Any]) -> dict[str, Any]:
-  """Every tree of `models` with the shardings the trainers give it on `mesh`."""
+def eval_rows(batch_shards: int) -> int:
+  """...rounded down to whole batch shards, at least one each (as ppo.train; the prompt file
+  is not read, so it is assumed to hold at least 64)."""
+  return max(EVAL_PROMPTS // batch_shards, 1) * batch_shards
+
+
+def placed_trees(models: Models, layout: Layout, optimizers: dict[str, Any]) -> dict[str, Any]:
+  """Every tree of `models` with the shardings the trainers give it on `layout`."""
   from perl_jax.models import Transformer
 
   out = {}
   for name, tree in models.trees.items():
     if name == "bases":
-      out[name] = {k: ph.place_model_tree(Transformer(cfg), {"params": base}, mesh, rules)
+      out[name] = {k: ph.place_model_tree(Transformer(cfg), {"params": base}, layout)
                    for (k, base), cfg in zip(tree.items(), models.bases)}
       continue
     if name == "reference":
       module = models.modules["policy"]
-      out[name] = ph.place_model_tree(module, {"params": tree}, mesh, rules)["params"]
+      out[name] = ph.place_model_tree(module, {"params": tree}, layout)["params"]
       continue
     model, kind = name.split("/")
     if kind != "opt":
-      out[name] = ph.place_model_tree(models.modules[model], tree, mesh, rules)
+      out[name] = ph.place_model_tree(models.modules[model], tree, layout)
   for name, tree in models.trees.items():
     if name.endswith("/opt"):
       model = name.split("/")[0]
-      out[name] = ph.place_opt_state(optimizers[model], tree, out[f"{model}/trainable"], mesh)
+      out[name] = ph.place_opt_state(optimizers[model], tree, out[f"{model}/trainable"], layout)
   return out
 
 
@@ -75,68 +83,70 @@ def ppo_phases(c: Any, models: Models, placed: dict, optimizers: dict,
   update_fn = ppo.make_update_fn(c, policy, value, optimizers["policy"], optimizers.get("value"))
 
   def generate(name, num_prompts, config):
-    mesh, rules = layout(c, devices, name)
-    args = (policy, policy_vars, ph.batch((num_prompts, plen), jnp.int32, mesh),
-            ph.batch((num_prompts, plen), jnp.bool_, mesh), ph.rng(mesh))
+    lay = layout(c, devices, name)
+    args = (policy, policy_vars, ph.batch((num_prompts, plen), jnp.int32, lay),
+            ph.batch((num_prompts, plen), jnp.bool_, lay), ph.rng(lay))
     static = dict(cfg=config, eos_ids=policy.cfg.eos_token_ids,
                   pad_id=int(policy.cfg.pad_token_id or 0))
-    kv = kv_cache_bytes(policy.cfg, num_prompts * config.num_samples, plen + n, mesh, rules)
+    kv = kv_cache_bytes(policy.cfg, num_prompts * config.num_samples, plen + n, lay)
     # The sampler's jitted function itself: `sampling.sample` calls it (and cannot be lowered).
-    return ph.Phase(name, sampling._sample_jit, args, static, (1,), mesh, rules, kv)
+    return ph.Phase(name, sampling._sample_jit, args, static, (1,), lay, kv)
 
   def score(name, num_rows):
-    mesh, rules = layout(c, devices, name)
-    f32 = lambda *s: ph.batch(s, jnp.float32, mesh)
+    lay = layout(c, devices, name)
+    f32 = lambda *s: ph.batch(s, jnp.float32, lay)
     args = (policy_vars, {"params": placed["reference"]},
             common.variables(placed["reward/frozen"], placed["reward/trainable"]),
-            ph.replicated((2,), jnp.float32, mesh), value_vars,
-            ph.batch((num_rows, plen + n), jnp.int32, mesh),
-            ph.batch((num_rows, plen + n), jnp.bool_, mesh),
-            ph.batch((num_rows, n), jnp.bool_, mesh), ph.batch((num_rows,), jnp.bool_, mesh),
+            ph.replicated((2,), jnp.float32, lay), value_vars,
+            ph.batch((num_rows, plen + n), jnp.int32, lay),
+            ph.batch((num_rows, plen + n), jnp.bool_, lay),
+            ph.batch((num_rows, n), jnp.bool_, lay), ph.batch((num_rows,), jnp.bool_, lay),
             f32(num_rows, n))
-    return ph.Phase(name, score_fn, args, {}, (0, 1, 2, 4), mesh, rules)
+    return ph.Phase(name, score_fn, args, {}, (0, 1, 2, 4), lay)
 
   def update(model, keys):
     name = f"update/{model}"
-    mesh, rules = layout(c, devices, name)
-    data = {k: _rollout_array(k, rows, plen, n, mesh) for k in keys}
+    lay = layout(c, devices, name)
+    data = {k: _rollout_array(k, rows, plen, n, lay) for k in keys}
     if model == "policy" and p.ptx_coef:
       t = plen + c.data.max_response_len + 1
-      data.update(ptx_tokens=ph.batch((rows, t), jnp.int32, mesh),
-                  ptx_mask=ph.batch((rows, t), jnp.bool_, mesh),
-                  ptx_loss_mask=ph.batch((rows, t), jnp.bool_, mesh))
+      data.update(ptx_tokens=ph.batch((rows, t), jnp.int32, lay),
+                  ptx_mask=ph.batch((rows, t), jnp.bool_, lay),
+                  ptx_loss_mask=ph.batch((rows, t), jnp.bool_, lay))
     state = ppo.TrainState(placed[f"{model}/trainable"], placed[f"{model}/opt"])
-    args = (state, placed[f"{model}/frozen"], data, ph.rng(mesh))
-    return ph.Phase(name, update_fn.programs[model], args, {}, (0, 1), mesh, rules)
+    args = (state, placed[f"{model}/frozen"], data, ph.rng(lay))
+    return ph.Phase(name, update_fn.programs[model], args, {}, (0, 1), lay)
 
   out = [generate("generate", prompts, scfg), score("score", rows),
          update("policy", ("tokens", "mask", "response_mask", "logp", "adv"))]
   if value is not None:
     out.append(update("value", ("tokens", "mask", "response_mask", "values", "returns")))
-  if EVAL_PROMPTS > rows:
-    out += [generate("eval generate", EVAL_PROMPTS, dataclasses.replace(scfg, num_samples=1)),
-            score("eval score", EVAL_PROMPTS)]
+  n_eval = eval_rows(layout(c, devices, "eval").batch_shards)
+  if n_eval > rows:
+    out += [generate("eval generate", n_eval, dataclasses.replace(scfg, num_samples=1)),
+            score("eval score", n_eval)]
   return out
 
 
-def _rollout_array(key: str, rows: int, plen: int, n: int, mesh):
+def _rollout_array(key: str, rows: int, plen: int, n: int, layout: Layout):
   if key in ("tokens", "mask"):
-    return ph.batch((rows, plen + n), jnp.int32 if key == "tokens" else jnp.bool_, mesh)
-  return ph.batch((rows, n), jnp.bool_ if key == "response_mask" else jnp.float32, mesh)
+    return ph.batch((rows, plen + n), jnp.int32 if key == "tokens" else jnp.bool_, layout)
+  return ph.batch((rows, n), jnp.bool_ if key == "response_mask" else jnp.float32, layout)
 
 
-def kv_cache_bytes(cfg, rows: int, length: int, mesh, rules) -> int:
+def kv_cache_bytes(cfg, rows: int, length: int, layout: Layout) -> int:
   """Per-device bytes of the sampler's KV cache: k and v of [rows, length, K, h] per layer,
   laid out by the model's constraint ('batch', 'cache_length', 'kv_heads', 'head_dim'); XLA
   pads a dimension its mesh axes do not divide."""
   import flax.linen as nn
 
-  spec = nn.logical_to_mesh_axes(("batch", "cache_length", "kv_heads", "head_dim"), rules)
+  spec = nn.logical_to_mesh_axes(("batch", "cache_length", "kv_heads", "head_dim"),
+                                 layout.rules)
   shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
   shard = 1
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    shard *= -(-dim // math.prod(mesh.shape[a] for a in axes))
+    shard *= -(-dim // math.prod(layout.mesh.shape[a] for a in axes))
   return 2 * cfg.num_layers * shard * jnp.dtype(cfg.compute_dtype).itemsize
 
 
@@ -146,10 +156,10 @@ def train_phase(c: Any, models: Models, placed: dict, optimizers: dict,
   from perl_jax.trainers import reward, sft
 
   name = "train step"
-  mesh, rules = layout(c, devices, name)
+  lay = layout(c, devices, name)
   b, t = c.data.batch_size, c.data.max_prompt_len + c.data.max_response_len + 1
-  tokens = lambda: ph.batch((b, t), jnp.int32, mesh)
-  mask = lambda: ph.batch((b, t), jnp.bool_, mesh)
+  tokens = lambda: ph.batch((b, t), jnp.int32, lay)
+  mask = lambda: ph.batch((b, t), jnp.bool_, lay)
   model = "policy" if c.task == "sft" else "reward"
   module, optimizer = models.modules[model], optimizers[model]
   if c.task == "sft":
@@ -164,10 +174,10 @@ def train_phase(c: Any, models: Models, placed: dict, optimizers: dict,
               "rejected_tokens_BxT": tokens(), "rejected_mask_BxT": mask()}
     else:
       data = {"tokens_BxT": tokens(), "mask_BxT": mask(),
-              "labels_B": ph.batch((b,), jnp.float32, mesh)}
+              "labels_B": ph.batch((b,), jnp.float32, lay)}
   args = (placed[f"{model}/trainable"], placed[f"{model}/opt"], placed[f"{model}/frozen"], data,
-          ph.rng(mesh), ph.replicated((), jnp.int32, mesh))
-  return [ph.Phase(name, step, args, {}, (0, 1, 2), mesh, rules)]
+          ph.rng(lay), ph.replicated((), jnp.int32, lay))
+  return [ph.Phase(name, step, args, {}, (0, 1, 2), lay)]
 
 
 def reward_kind(c: Any) -> str:
