@@ -205,8 +205,11 @@ def ppo() -> mlc.ConfigDict:
   return p
 
 
-def validate(c: mlc.ConfigDict) -> None:
-  """Raises `ConfigError` naming the key for an unknown key or values that cannot work together."""
+def validate(c: mlc.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises `ConfigError` naming the key for an unknown key or values that cannot work together.
+
+  The mesh is checked against `num_devices` (default: this process's `jax.device_count()`;
+  `perl_jax.plan` passes the target topology's)."""
 
   def fail(key: str, why: str):
     raise ConfigError(f"config.{key}: {why}")
@@ -291,11 +294,12 @@ def validate(c: mlc.ConfigDict) -> None:
     for key in ("epochs", "batch_size", "num_minibatches", "grad_accum"):
       if p[key] < 1:
         fail(f"ppo.{key}", "must be >= 1")
-  check_mesh(c, _device_count())
+  devices = _device_count() if num_devices is None else num_devices
+  check_mesh(c, devices)
   if c.task == "ppo":
     from perl_jax.trainers import phases  # imports jax; only PPO has phases
 
-    phases.check_config(c, _device_count())
+    phases.check_config(c, devices)
 
 
 # --- The mesh: sizes, rules, and batches that split over it -----------------------------------
