@@ -118,8 +118,9 @@ def test_two_processes_kill_resume_and_match_one_process(tmp_path):
   for g, w in zip(got, want):
     np.testing.assert_allclose([g[k] for k in sorted(g)], [w[k] for k in sorted(w)],
                                rtol=1e-3, atol=1e-4, err_msg=str(sorted(g)))
-  samples = lambda wd: [(r["step"], r["prompt"], r["response"])
-                        for r in map(json.loads, open(wd / "samples.jsonl"))]
+  samples = lambda wd: [(r["step"], s["prompt"], s["response"])
+                        for r in map(json.loads, open(wd / "samples.jsonl"))
+                        for s in r["samples"]]
   assert samples(multi) == samples(single)
   summary = lambda wd: json.loads((wd / "summary.json").read_text())
   assert summary(multi).keys() == summary(single).keys()
