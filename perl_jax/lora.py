@@ -14,9 +14,13 @@ and ``B`` initialised to zero, so a fresh adapter leaves the network unchanged.
   own frozen weights, with no second copy of them (PERL).
 * Which kernels get adapters is decided by regular expressions over parameter paths such as
   ``layers_3/attn/q/kernel`` (``re.search``). Every pattern must match at least one kernel.
-* Adapters are created by the layers themselves (``perl_jax.models.Linear``), because only
+* Adapters are declared by the layers themselves (``perl_jax.models.Linear``), because only
   the layer knows which kernel axes are inputs and which are outputs, and their logical axis
-  names (``lora_rank`` plus the kernel's own) so they can be sharded like the kernel.
+  names (``lora_rank`` plus the kernel's own) so they can be sharded like the kernel. The
+  values are then drawn on the host (`fill_adapters`): tracing the layers gives the shapes
+  with `jax.eval_shape`, and NumPy fills them. Compiling the layers' own initialisers instead
+  cost a ~4 s, ~100 MB compile per model on CPU (one threefry per adapter), for a few
+  hundred thousand random numbers.
 * Only the adapter tree is trainable, so only it needs gradients and optimizer state; the
   frozen base is passed as a separate argument and never differentiated.
 * Dropout on the adapter input is active only when the call supplies a ``'lora_dropout'``
@@ -123,7 +127,34 @@ def init_adapters(model: Any, params: Params, rng: jax.Array) -> Params:
   A ~ N(0, 1/fan_in), B = 0. Every target pattern must select at least one kernel of `params`.
   """
   check_targets(model.lora, params)
-  return unbox(jax.jit(adapter_creator(model))(params, rng))
+  return jax.tree.map(jnp.asarray, fill_adapters(adapter_shapes(model, params, rng), rng))
+
+
+def adapter_shapes(model: Any, params: Params, rng: jax.Array) -> Params:
+  """The adapter tree of `model` as unboxed ShapeDtypeStructs (traced, nothing compiled)."""
+  return unbox(jax.eval_shape(adapter_creator(model), params, rng))
+
+
+def fill_adapters(abstract: Params, rng: jax.Array) -> Params:
+  """Host (NumPy) values for an adapter tree of ShapeDtypeStructs: A ~ N(0, 1/fan_in), B = 0.
+
+  The draws depend only on `rng` and the tree (leaves in `jax.tree` order), so every process
+  of a multi-host run makes the same adapters and can place them with `jax.device_put`.
+  """
+  seed = np.asarray(jax.random.key_data(rng), np.uint32).ravel()
+  gen = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path_str(path).rsplit("/", 1)[-1]
+    if name == "b":
+      return np.zeros(leaf.shape, leaf.dtype)
+    if name != "a":
+      raise ValueError(f"unexpected leaf {path_str(path)!r} in an adapter tree")
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    a = gen.standard_normal(leaf.shape, np.float32) * np.float32(fan_in ** -0.5)
+    return a.astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def unbox(tree: Params) -> Params:

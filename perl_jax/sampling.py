@@ -136,13 +136,29 @@ def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, temperature: 
                              axis=-1)[..., 0]
 
 
+def draw(key: jax.Array, logprobs_NxV: jax.Array) -> jax.Array:
+  """int32 [N]: one token per row from the distribution exp(logprobs), by inverse CDF.
+
+  One uniform per row, where `jax.random.categorical` draws Gumbel noise for every vocabulary
+  entry: on CPU that noise cost ~0.6 ms of a decode step (16 x 2048), the rest of sampling
+  ~0.2 ms. The draw is the first token whose cumulative probability exceeds u in [0, total):
+  a token of probability 0 (cut by top-k / top-p) is never the first, and u stays below the
+  total even when rounding puts uniform * total on it.
+  """
+  cdf_NxV = jnp.cumsum(jnp.exp(logprobs_NxV.astype(jnp.float32)), axis=-1)
+  total_Nx1 = cdf_NxV[:, -1:]
+  u_Nx1 = jax.random.uniform(key, total_Nx1.shape) * total_Nx1
+  u_Nx1 = jnp.minimum(u_Nx1, jnp.nextafter(total_Nx1, 0.0))
+  return jnp.sum(cdf_NxV <= u_Nx1, axis=-1).astype(jnp.int32)
+
+
 def _pick(logits_NxV: jax.Array, key: jax.Array, cfg: SamplingConfig):
   """One token per row and its log-prob under the sampling distribution."""
   logprobs_NxV = sampling_logprobs(logits_NxV, cfg.temperature, cfg.top_k, cfg.top_p)
   if cfg.greedy:
     token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
   else:
-    token_N = jax.random.categorical(key, logprobs_NxV, axis=-1).astype(jnp.int32)
+    token_N = draw(key, logprobs_NxV)
   return token_N, jnp.take_along_axis(logprobs_NxV, token_N[:, None], axis=-1)[:, 0]
 
 

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from perl_jax.lora import adapter_creator, check_targets, path_str
+from perl_jax.lora import adapter_creator, adapter_shapes, check_targets, fill_adapters, path_str
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +228,13 @@ def init_sharded_params(model: nn.Module, rng: jax.Array, mesh: Mesh,
 
 def init_sharded_adapters(model: nn.Module, params: Any, rng: jax.Array, mesh: Mesh,
                           rules: Rules = LOGICAL_RULES, *, strict: bool = False) -> Any:
-  """LoRA adapters created in their sharding; same values as `perl_jax.lora.init_adapters`."""
+  """LoRA adapters placed in their sharding; same values as `perl_jax.lora.init_adapters`.
+
+  Drawn on the host (adapters are small next to the base) and put on the devices shard by shard.
+  """
   check_targets(model.lora, params)  # as init_adapters: every pattern must select a kernel
   shardings = param_shardings(model, mesh, rules, collection="lora", strict=strict)
-  create = adapter_creator(model)
-  return jax.jit(lambda p, r: nn.meta.unbox(create(p, r)), out_shardings=shardings)(params, rng)
+  return jax.device_put(fill_adapters(adapter_shapes(model, params, rng), rng), shardings)
 
 
 def describe(shardings: Any) -> dict[str, P]:

@@ -47,7 +47,7 @@ def random_params(model, seed: int = 0, std: float = 0.02, head_scale: float = 1
 
 def random_adapters(model, params: dict, seed: int = 0, std: float = 0.1) -> dict:
   """Non-zero adapters (both A and B random) with the structure `lora.init_adapters` makes."""
-  abstract = jax.eval_shape(lambda p: lora.init_adapters(model, p, jax.random.PRNGKey(0)), params)
+  abstract = lora.adapter_shapes(model, params, jax.ShapeDtypeStruct((2,), jnp.uint32))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, std, s.shape), s.dtype), abstract)
 

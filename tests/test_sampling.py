@@ -15,7 +15,7 @@ import pytest
 from helpers import random_adapters, random_params, tiny_hf_model
 from perl_jax import lora
 from perl_jax.models import Transformer, tiny_config
-from perl_jax.sampling import SamplingConfig, sample, sampling_logprobs, token_logprobs
+from perl_jax.sampling import SamplingConfig, draw, sample, sampling_logprobs, token_logprobs
 
 EOS, PAD = 2, 0
 
@@ -156,6 +156,36 @@ def test_samples_follow_the_filtered_distribution():
   freq = np.bincount(np.asarray(out.tokens[:, 0]), minlength=cfg.vocab_size) / scfg.num_samples
   assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs))
   np.testing.assert_allclose(freq, probs, atol=0.03)  # ~4 standard errors at 4000 draws
+
+
+def test_draw_matches_the_distribution_and_never_picks_cut_tokens():
+  # Rows: a spread distribution, one cut by top-k (its last tokens have probability 0, so a
+  # draw at the top of [0, total) must not fall on them), and a single certain token.
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 2, (3, 50)).astype(np.float32)
+  logits[2] = -1e9
+  logits[2, 7] = 0.0
+  logprobs = np.asarray(jnp.stack([sampling_logprobs(jnp.asarray(logits[0]), 1.0),
+                                   sampling_logprobs(jnp.asarray(logits[1]), 1.0, top_k=5),
+                                   sampling_logprobs(jnp.asarray(logits[2]), 1.0)]))
+  n = 20000
+  keys = jax.random.split(jax.random.PRNGKey(3), n)
+  tokens = np.asarray(jax.jit(jax.vmap(draw, in_axes=(0, None)))(keys, jnp.asarray(logprobs)))
+  probs = np.exp(logprobs.astype(np.float64))
+  for row in range(3):
+    freq = np.bincount(tokens[:, row], minlength=50) / n
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs[row] > 0)), row
+    np.testing.assert_allclose(freq, probs[row], atol=4 * np.sqrt(0.25 / n))  # 4 std errors
+  # u at the very top of the range still lands on the last token with mass.
+  top = jnp.asarray(logprobs[1:2])
+  uniform_one = lambda key, shape: jnp.full(shape, 1.0, jnp.float32)  # beyond any real draw
+  orig = jax.random.uniform
+  try:
+    jax.random.uniform = uniform_one
+    tok = int(draw(jax.random.PRNGKey(0), top)[0])
+  finally:
+    jax.random.uniform = orig
+  assert tok == int(np.flatnonzero(probs[1] > 0).max())
 
 
 def test_eos_ends_a_row_while_others_continue():

@@ -200,7 +200,7 @@ def _gflop(compiled) -> float | None:
 
 def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, new_tokens: int,
             dtype: str, warmup: int, iters: int, seed: int, log_compiles: bool,
-            flops: bool, trim: bool = True) -> dict[str, Any]:
+            flops: bool, trim: bool = True, profile: str | None = None) -> dict[str, Any]:
   """Builds the PPO pieces as `ppo.train` does and times `iters` iterations after `warmup`."""
   mem_start = _rss_mb()
   import functools
@@ -331,6 +331,10 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
   jax.monitoring.unregister_event_duration_listener(listener)
   mem_end = _rss_mb()
   trimmed = _trimmed_rss_mb()
+  if profile:  # after the timed part, so tracing overhead never enters the figures
+    with jax.profiler.trace(profile, create_perfetto_trace=True):
+      for i in range(2):
+        iteration(warmup + iters + i)
 
   # Python-side cost of assembling the variables dicts (3 merges per iteration in ppo.train).
   t = time.perf_counter()
@@ -491,7 +495,8 @@ def _child(args: argparse.Namespace) -> None:
   result = measure(args.policy_dir, args.reward_dir, batch=args.batch,
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
                    warmup=args.warmup, iters=args.iters, seed=args.seed,
-                   log_compiles=args.log_compiles, flops=args.flops, trim=args.trim)
+                   log_compiles=args.log_compiles, flops=args.flops, trim=args.trim,
+                   profile=args.profile)
   print(_RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -505,6 +510,8 @@ def _run_isolated(args: argparse.Namespace, policy_dir: str, reward_dir: str, ba
          "--trim" if args.trim else "--no-trim"]
   if args.log_compiles:
     cmd.append("--log_compiles")
+  if args.profile:
+    cmd.append(f"--profile={args.profile}")
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
   result = None
   for line in proc.stdout.splitlines():
@@ -539,6 +546,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="malloc_trim after each compile, as perl_jax.train does (perl_jax.host)")
   parser.add_argument("--log_compiles", action="store_true",
                       help="set jax_log_compiles during the timed iterations")
+  parser.add_argument("--profile", default=None,
+                      help="trace 2 more iterations with jax.profiler into this directory "
+                      "(a Perfetto trace: perfetto_trace.json.gz)")
   parser.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")
   parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--policy_dir", default=None, help=argparse.SUPPRESS)
@@ -572,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         r = measure(policy_dir, reward_dir, batch=batch, prompt_len=args.prompt_len,
                     new_tokens=new_tokens, dtype=args.dtype, warmup=args.warmup,
                     iters=args.iters, seed=args.seed, log_compiles=args.log_compiles,
-                    flops=args.flops)
+                    flops=args.flops, profile=args.profile)
       print(f"[done] {_name(r)}: {r['iter_s']:.3f} s/iter", flush=True)
       results.append(r)
   report(results, args)

@@ -284,8 +284,7 @@ def _expected_trainable(cfg: ModelConfig,
   out = {f"params/{k}": tuple(v.shape) for k, v in flatten(params).items()}
   if lcfg is not None:
     module = Transformer(cfg, lora=lcfg)
-    adapters = jax.eval_shape(
-        lambda p: lora_lib.init_adapters(module, p, jax.random.PRNGKey(0)), params)
+    adapters = lora_lib.adapter_shapes(module, params, jax.ShapeDtypeStruct((2,), jnp.uint32))
     out.update({f"lora/{k}": tuple(v.shape) for k, v in flatten(adapters).items()})
   return out
 
