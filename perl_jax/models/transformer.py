@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perl_jax import lora as lora_lib
 from perl_jax.lora import LoraConfig
 from perl_jax.models.config import ModelConfig
 
@@ -65,12 +66,27 @@ class Linear(nn.Module):
                                                      self.in_axes + self.out_axes),
                         in_shape + self.features, self.param_dtype)
     x = x.astype(self.dtype)
-    y = _contract(x, kernel.astype(self.dtype), n_in)
+    adapter = self._adapter(x, in_shape) if self._adapted() else None
+    if (adapter is not None and adapter[0] is x
+        and all(v.dtype == jnp.float32 for v in (x, kernel, adapter[1], adapter[2]))):
+      # No dropout, float32: one matmul by the merged kernel (see lora.adapted_matmul).
+      _, a, b, scale = adapter
+      lead, k = x.shape[:x.ndim - n_in], int(np.prod(in_shape))
+      y = lora_lib.adapted_matmul(x.reshape(-1, k), kernel.reshape(k, -1), a.reshape(k, -1),
+                                  b.reshape(b.shape[0], -1), scale)
+      y = y.reshape(lead + self.features)
+      adapter = None
+    else:
+      y = _contract(x, kernel.astype(self.dtype), n_in)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
                         self.features, self.param_dtype)
       y = y + bias.astype(self.dtype)
-    return y + self._adapter(x, in_shape) if self._adapted() else y
+    if adapter is not None:  # y + scale * (x A) B, unmerged
+      x_in, a, b, scale = adapter
+      y = y + scale * _contract(_contract(x_in, a.astype(self.dtype), n_in),
+                                b.astype(self.dtype), 1)
+    return y
 
   def _adapted(self) -> bool:
     if self.is_mutable_collection("lora") and self.lora is not None:
@@ -82,8 +98,8 @@ class Linear(nn.Module):
       return True
     return False
 
-  def _adapter(self, x: jax.Array, in_shape: tuple[int, ...]) -> jax.Array:
-    n_in = len(self.in_axes)
+  def _adapter(self, x: jax.Array, in_shape: tuple[int, ...]):
+    """(adapter input after dropout, A, B, scale); creates A and B when 'lora' is mutable."""
     r = self.lora.rank
     fan_in = int(np.prod(in_shape))
     a = self.variable("lora", "a",
@@ -99,9 +115,7 @@ class Linear(nn.Module):
     if self.lora.dropout > 0 and self.has_rng("lora_dropout"):
       keep = jax.random.bernoulli(self.make_rng("lora_dropout"), 1.0 - self.lora.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.lora.dropout), 0.0).astype(x.dtype)
-    scale = self.lora.alpha / a.shape[-1]
-    h = _contract(x, a.astype(self.dtype), n_in)
-    return scale * _contract(h, b.astype(self.dtype), 1)
+    return x, a, b, self.lora.alpha / a.shape[-1]
 
 
 def _contract(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
@@ -164,14 +178,24 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return inv
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates pairs (i, i + H/2) by position * inv_freq (the 'rotate_half' layout of HF)."""
+def rope_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray,
+                 dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin), each B x T x 1 x H, of position * inv_freq in the 'rotate_half' layout of HF.
+
+  Computed once per forward and shared by every layer's queries and keys: sine and cosine are
+  costly on CPU, and XLA had fused a fresh copy of them into each layer's q and k.
+  """
   freqs = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # B x T x 1 x H
-  cos, sin = jnp.cos(emb).astype(x_BxTxNxH.dtype), jnp.sin(emb).astype(x_BxTxNxH.dtype)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotates pairs (i, i + H/2) by the angles of `rope_cos_sin`."""
+  cos, sin = cos_sin
   x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x_BxTxNxH * cos + rotated * sin
+  return x_BxTxNxH * cos.astype(x_BxTxNxH.dtype) + rotated * sin.astype(x_BxTxNxH.dtype)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -183,17 +207,16 @@ class Attention(nn.Module):
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, allowed_BxTxS: jax.Array,
-               kv_cache: Cache | None, cache_index: jax.Array | None):
+  def __call__(self, x_BxTxD: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
+               allowed_BxTxS: jax.Array, kv_cache: Cache | None, cache_index: jax.Array | None):
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, lora=self.lora)
     q = Linear((n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q", **dense)(x_BxTxD)
     kk = Linear((k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="k", **dense)(x_BxTxD)
     v = Linear((k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="v", **dense)(x_BxTxD)
-    if cfg.positions == "rope":
-      inv_freq = rope_inv_freq(cfg)
-      q, kk = apply_rope(q, positions_BxT, inv_freq), apply_rope(kk, positions_BxT, inv_freq)
+    if rope is not None:
+      q, kk = apply_rope(q, rope), apply_rope(kk, rope)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
     new_cache = None
@@ -247,10 +270,10 @@ class Block(nn.Module):
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, allowed_BxTxS, kv_cache, cache_index):
+  def __call__(self, x_BxTxD, rope, allowed_BxTxS, kv_cache, cache_index):
     cfg = self.cfg
     h = Norm(cfg, name="attn_norm")(x_BxTxD)
-    h, new_cache = Attention(cfg, self.lora, name="attn")(h, positions_BxT, allowed_BxTxS,
+    h, new_cache = Attention(cfg, self.lora, name="attn")(h, rope, allowed_BxTxS,
                                                         kv_cache, cache_index)
     if cfg.sandwich_norms:
       h = Norm(cfg, name="post_attn_norm")(h)
@@ -313,12 +336,14 @@ class Transformer(nn.Module):
       x = x + Embed(cfg, num=cfg.max_positions, axis_name="positions", name="pos_embed")(positions_BxT)
     x = constrain(x, ("batch", "length", "embed"))
 
+    rope = (rope_cos_sin(positions_BxT, rope_inv_freq(cfg), cfg.compute_dtype)
+            if cfg.positions == "rope" else None)
     new_cache = {} if cache is not None else None
     for i in range(cfg.num_layers):
       allowed = sliding_BxTxS if cfg.is_sliding(i) else full_BxTxS
       name = f"layers_{i}"
       x, layer_cache = Block(cfg, i, self.lora, name=name)(
-          x, positions_BxT, allowed, None if cache is None else cache[name], index)
+          x, rope, allowed, None if cache is None else cache[name], index)
       if cache is not None:
         new_cache[name] = layer_cache
     x = Norm(cfg, name="final_norm")(x[:, outputs_from:] if outputs_from else x)
