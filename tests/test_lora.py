@@ -224,3 +224,20 @@ def test_adapter_gradients_equal_autodiff_through_the_merged_kernels(family):
     for k in ("a", "b"):
       np.testing.assert_allclose(np.asarray(g[k]), np.asarray(r[k]), rtol=1e-4, atol=1e-5,
                                  err_msg=f"{path}/{k}")
+
+
+def test_adapter_init_is_seeded_and_scaled_by_fan_in():
+  cfg, lcfg, model, params, adapters = _setup("llama", rank=16)
+  again = lora.init_adapters(model, params, jax.random.PRNGKey(1))
+  other = lora.init_adapters(model, params, jax.random.PRNGKey(2))
+  jax.tree.map(np.testing.assert_array_equal, adapters, again)  # same key, same adapters
+  a_values = []
+  for (path, ab), (_, ab_other) in zip(lora._adapter_items(adapters),
+                                       lora._adapter_items(other)):
+    a = np.asarray(ab["a"])
+    assert not np.array_equal(a, np.asarray(ab_other["a"])), path
+    fan_in = int(np.prod(a.shape[:-1]))
+    # N(0, 1/fan_in): the sample std of >= 512 draws is within 15% of fan_in ** -0.5.
+    assert a.size >= 512 and abs(a.std() * fan_in ** 0.5 - 1) < 0.15, path
+    a_values.append(a.ravel()[:8])
+  assert len({v.tobytes() for v in a_values}) == len(a_values)  # adapters are not copies
