@@ -6,6 +6,7 @@ costs seconds of XLA compilation per family on CPU, more than the tests that use
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import jax
@@ -126,3 +127,24 @@ def ppo_prereqs(wd: Path) -> dict:
   common.save_model(wd / "reward", reward)
   return dict(policy=str(wd / "policy"), reward=str(wd / "reward"), prompts=data["prompts"],
               sft=data["sft_train"], wd=wd)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path: Path):
+  """JAX's persistent compilation cache in `path` while the block runs, every program cached;
+  the previous settings (no cache, as tests normally run) after it. See tests/conftest.py."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  settings = {"jax_compilation_cache_dir": str(path),
+              "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  before = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  cc.reset_cache()  # JAX creates its cache object at the first compile that uses one
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    cc.reset_cache()
