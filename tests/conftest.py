@@ -54,3 +54,13 @@ def compilation_cache(compilation_cache_dir):
 
   with persistent_compilation_cache(compilation_cache_dir):
     yield compilation_cache_dir
+
+
+@pytest.fixture(scope="session")
+def shared_ppo_prereqs(tmp_path_factory) -> dict:
+  """`tests.helpers.ppo_prereqs` built once per session (xdist worker): the random tiny policy,
+  reward model and prompts that the PPO tests of several modules read (~15 s of compiling and
+  imports to build). Read only: tests write their runs elsewhere."""
+  from tests.helpers import ppo_prereqs
+
+  return ppo_prereqs(tmp_path_factory.mktemp("ppo_prereqs"))
