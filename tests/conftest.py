@@ -64,3 +64,24 @@ def shared_ppo_prereqs(tmp_path_factory) -> dict:
   from tests.helpers import ppo_prereqs
 
   return ppo_prereqs(tmp_path_factory.mktemp("ppo_prereqs"))
+
+
+# --- Sharded PPO (tests/test_sharded_trainers.py, tests/test_phase_layouts.py) --------------
+
+
+@pytest.fixture(scope="session")
+def sharded_assets(tmp_path_factory) -> dict:
+  """Tiny random models and data for the 8-device tests (`test_sharded_trainers.build_assets`)."""
+  from tests.test_sharded_trainers import build_assets
+
+  return build_assets(tmp_path_factory.mktemp("sharded"))
+
+
+@pytest.fixture(scope="session")
+def ppo_mixed_run(sharded_assets):
+  """PPO on the 2 x 2 x 2 mesh with one layout for all phases (`test_sharded_trainers.run_ppo`):
+  compared with one device there, and the reference of the per-phase layouts in
+  test_phase_layouts.py. Compiling it takes ~15 s; run once per session (xdist worker)."""
+  from tests.test_sharded_trainers import MIXED, run_ppo
+
+  return run_ppo(sharded_assets, "ppo_mixed", MIXED)
