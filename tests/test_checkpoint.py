@@ -1,4 +1,8 @@
-"""Checkpoints: atomic Orbax saves, exact resume after SIGKILL and SIGTERM, non-finite faults."""
+"""Checkpoints: atomic Orbax saves, exact resume after SIGKILL and SIGTERM, non-finite faults.
+
+The tests that run one job several times (PPO in worker processes, SFT in this one) compile its
+programs once: later runs load them from the session's compilation cache (tests/conftest.py).
+"""
 
 import json
 import os
@@ -83,7 +87,7 @@ def test_restore_refuses_a_different_config_but_not_a_longer_run(tmp_path):
     checkpoint.Checkpointer(str(tmp_path), other).restore(_state())
 
 
-def test_restore_refuses_a_changed_base(tmp_path, compilation_cache):  # 2nd init: cached
+def test_restore_refuses_a_changed_base(tmp_path, compilation_cache):  # 2nd init_params: cached
   cfg = common.scratch_config(config.sft_config(), 40, dict(pad_token_id=0, bos_token_id=1,
                                                             eos_token_id=2), "float32")
   base = tmp_path / "base"
