@@ -70,11 +70,12 @@ def shared_ppo_prereqs(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def sharded_assets(tmp_path_factory) -> dict:
-  """Tiny random models and data for the 8-device tests (`test_sharded_trainers.build_assets`)."""
+def sharded_assets(tmp_path_factory, compilation_cache_dir) -> dict:
+  """Tiny random models and data for the 8-device tests (`test_sharded_trainers.build_assets`)
+  and the compilation cache their PPO runs use."""
   from tests.test_sharded_trainers import build_assets
 
-  return build_assets(tmp_path_factory.mktemp("sharded"))
+  return dict(build_assets(tmp_path_factory.mktemp("sharded")), cache=compilation_cache_dir)
 
 
 @pytest.fixture(scope="session")

@@ -128,7 +128,7 @@ def test_choose_rule_on_made_up_numbers():
   assert layout_cost.choose(pruned, dear)["train"] == C
 
 
-def test_auto_measures_and_chooses(assets):
+def test_auto_measures_and_chooses(assets, compilation_cache):  # probes: PPO runs' programs
   c = _ppo_config(assets, MIXED, layouts="auto")
   c.phase_mesh.auto_candidates, c.phase_mesh.auto_runs = 2, 1
   main = layout_lib.Layout.from_config(c)

@@ -8,7 +8,10 @@ one device.
   the saved policy and the updated states (captured from the last update step) must match.
   The mixed run is the session's `ppo_mixed_run` (tests/conftest.py), which
   tests/test_phase_layouts.py reads too (one layout for all phases); compiling dominates a run,
-  the second iteration costs ~0.1 s.
+  the second iteration costs ~0.1 s. PPO runs use the session's compilation cache
+  (tests/conftest.py): a program another run compiled for the same mesh (per-phase layouts,
+  `layouts=auto` probes) is loaded, not compiled again; the key covers HLO, devices and compile
+  options, so what runs is what a compile would give.
 * SFT and reward: one step each, built exactly as their trainers build it, sharded against
   one device; and `loop.run` (their shared loop) resumed from a checkpoint into the sharded
   layout ends bit for bit where an uninterrupted run does.
@@ -42,7 +45,7 @@ from perl_jax.data import synthetic
 from perl_jax.data.pipeline import Batches
 from perl_jax.models import Transformer, save_hf_checkpoint
 from perl_jax.trainers import common, layout as layout_lib, phases, ppo, reward, sft
-from tests.helpers import random_adapters, random_params
+from tests.helpers import persistent_compilation_cache, random_adapters, random_params
 
 ONE = dict(data=1, fsdp=1, tensor=1)  # 1 device: devices[:1]
 FSDP = dict(data=1, fsdp=8, tensor=1)
@@ -61,7 +64,7 @@ def test_conftest_provides_8_host_devices():
 
 @pytest.fixture(scope="module")
 def assets(sharded_assets):
-  """The session's `build_assets` (tests/conftest.py)."""
+  """The session's `build_assets` (tests/conftest.py), with its compilation cache directory."""
   return sharded_assets
 
 
@@ -195,8 +198,9 @@ class PpoRun:
 
 
 def run_ppo(assets, name: str, mesh: dict, **keys) -> PpoRun:
-  """Runs PPO in `assets["root"] / name`, recording the update steps, the meshes of the
-  weights rollout and scoring read, and every placement of the `phases.Reallocator`."""
+  """Runs PPO in `assets["root"] / name` (compilation cache on), recording the update steps,
+  the meshes of the weights rollout and scoring read, and every placement of the
+  `phases.Reallocator`."""
   updates, seen, reallocs = [], [], []
   meshes = lambda tree: {tuple(x.sharding.mesh.shape.values()) for x in jax.tree.leaves(tree)}
   rollout, score = ppo.rollout, ppo.make_score_fn
@@ -236,7 +240,7 @@ def run_ppo(assets, name: str, mesh: dict, **keys) -> PpoRun:
 
   workdir = assets["root"] / name
   c = _ppo_config(assets, mesh, **keys)
-  with pytest.MonkeyPatch.context() as mp:
+  with pytest.MonkeyPatch.context() as mp, persistent_compilation_cache(assets["cache"]):
     _record(mp, ppo, "make_update_fn", updates)
     mp.setattr(ppo, "rollout", spy_rollout)
     mp.setattr(ppo, "make_score_fn", spy_score_fn)
