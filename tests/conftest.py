@@ -57,13 +57,13 @@ def compilation_cache(compilation_cache_dir):
 
 
 @pytest.fixture(scope="session")
-def shared_ppo_prereqs(tmp_path_factory) -> dict:
-  """`tests.helpers.ppo_prereqs` built once per session (xdist worker): the random tiny policy,
-  reward model and prompts that the PPO tests of several modules read (~15 s of compiling and
-  imports to build). Read only: tests write their runs elsewhere."""
-  from tests.helpers import ppo_prereqs
+def tiny_ppo_assets(tmp_path_factory) -> dict:
+  """`tests.helpers.tiny_lora_assets` with 64 prompts (8 batches of 8, so a resumed run
+  restarts mid-epoch) for the PPO resume tests (test_checkpoint.py, test_multihost.py). Read
+  only: tests write their runs elsewhere."""
+  from tests.helpers import tiny_lora_assets
 
-  return ppo_prereqs(tmp_path_factory.mktemp("ppo_prereqs"))
+  return tiny_lora_assets(tmp_path_factory.mktemp("tiny_ppo"), prompts=64)
 
 
 # --- Sharded PPO (tests/test_sharded_trainers.py, tests/test_phase_layouts.py) --------------
@@ -71,11 +71,11 @@ def shared_ppo_prereqs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def sharded_assets(tmp_path_factory, compilation_cache_dir) -> dict:
-  """Tiny random models and data for the 8-device tests (`test_sharded_trainers.build_assets`)
+  """Tiny random models and 8 prompts for the 8-device tests (`tests.helpers.tiny_lora_assets`)
   and the compilation cache their PPO runs use."""
-  from tests.test_sharded_trainers import build_assets
+  from tests.helpers import tiny_lora_assets
 
-  return dict(build_assets(tmp_path_factory.mktemp("sharded")), cache=compilation_cache_dir)
+  return dict(tiny_lora_assets(tmp_path_factory.mktemp("sharded")), cache=compilation_cache_dir)
 
 
 @pytest.fixture(scope="session")

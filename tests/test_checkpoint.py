@@ -158,14 +158,15 @@ def test_skip_counter_stops_after_k_in_a_row_naming_step_and_cause():
 
 
 @pytest.fixture(scope="module")
-def ppo_setup(tmp_path_factory, shared_ppo_prereqs, compilation_cache_env):
-  """Overrides for a 6-iteration PPO run on a random tiny policy and reward model, and the
-  environment of its worker processes: the first run (`straight`) fills the compilation cache,
-  the later ones, which run exactly its programs, load them from it (tests/conftest.py)."""
+def ppo_setup(tmp_path_factory, tiny_ppo_assets, compilation_cache_env):
+  """Overrides for a 6-iteration PPO run on a random tiny (1-layer) LoRA policy and reward
+  model, and the environment of its worker processes: the first run (`straight`) fills the
+  compilation cache, the later ones, which run exactly its programs, load them from it
+  (tests/conftest.py)."""
   wd = tmp_path_factory.mktemp("resume")
-  prereqs = shared_ppo_prereqs
-  overrides = {"policy.init": prereqs["policy"], "reward.init": prereqs["reward"],
-               "data.prompts": prereqs["prompts"], "total_iterations": 6, "eval_every": 3,
+  assets = tiny_ppo_assets
+  overrides = {"policy.init": assets["policy"], "reward.init": assets["reward"],
+               "data.prompts": assets["prompts"], "total_iterations": 6, "eval_every": 3,
                "log_every": 1, "progress": False, "ppo.batch_size": 8,
                "rollout.max_new_tokens": 6, "checkpoint.every_steps": 2,
                "checkpoint.every_minutes": 0.0, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
@@ -174,7 +175,8 @@ def ppo_setup(tmp_path_factory, shared_ppo_prereqs, compilation_cache_env):
   straight = wd / "straight"
   env = {**os.environ, **compilation_cache_env}
   _worker(path, straight, env=env)
-  return dict(overrides=path, straight=straight, wd=wd, values=overrides, env=env)
+  return dict(overrides=path, straight=straight, wd=wd, values=overrides, env=env,
+              base=assets["base"])
 
 
 def _worker(overrides, workdir, *options, env, expect=0):
@@ -265,7 +267,7 @@ def test_ppo_non_finite_advantages_skip_then_stop_with_a_good_checkpoint(ppo_set
   by_step = {r["step"]: r for r in lines if "train/skipped_steps" in r}
   assert by_step[1]["train/skipped_steps"] == 2 and "loss/policy_avg" not in by_step[1]
   assert by_step[2]["train/skipped_steps"] == 2 and "loss/policy_avg" in by_step[2]
-  base = ppo_setup["values"]["policy.init"]  # policy, reward and value share this base
+  base = ppo_setup["base"]  # policy, reward and value share this base
   ck = checkpoint.Checkpointer(str(run), c, {"policy": base, "reward": base, "value": base})
   assert ck.latest_step() == 4  # after iteration 3, whose updates were all skipped
   state, _ = ck.restore(ppo_setup_state(c))

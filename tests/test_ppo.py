@@ -14,14 +14,13 @@ from perl_jax.data import jsonl, synthetic
 from perl_jax.sampling import SamplingConfig
 from perl_jax.tokenizers import load_tokenizer
 from perl_jax.trainers import common, ppo
-from tests.helpers import one_device
+from tests.helpers import one_device, ppo_prereqs
 
 
 @pytest.fixture(scope="module")
-def prereqs(shared_ppo_prereqs):
-  """A random tiny policy (HF dir + tokenizer), an untrained LoRA reward model, prompts (built
-  once per session: tests/conftest.py)."""
-  return shared_ppo_prereqs
+def prereqs(tmp_path_factory):
+  """A random tiny policy (HF dir + tokenizer), an untrained LoRA reward model, prompts."""
+  return ppo_prereqs(tmp_path_factory.mktemp("ppo"))
 
 
 def _config(prereqs, **ppo_overrides):

@@ -40,12 +40,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
-from perl_jax import checkpoint, config, lora
-from perl_jax.data import synthetic
+from perl_jax import checkpoint, config
 from perl_jax.data.pipeline import Batches
-from perl_jax.models import Transformer, save_hf_checkpoint
+from perl_jax.models import Transformer
 from perl_jax.trainers import common, layout as layout_lib, phases, ppo, reward, sft
-from tests.helpers import persistent_compilation_cache, random_adapters, random_params
+from tests.helpers import TINY_VOCAB, persistent_compilation_cache, random_params, tiny_config
 
 ONE = dict(data=1, fsdp=1, tensor=1)  # 1 device: devices[:1]
 FSDP = dict(data=1, fsdp=8, tensor=1)
@@ -53,9 +52,7 @@ TENSOR = dict(data=1, fsdp=2, tensor=4)
 MIXED = dict(data=2, fsdp=2, tensor=2)
 RTOL, ATOL = 1e-4, 1e-5
 ADAM_EPS = 1e-4  # see the module docstring
-# embed 32 splits over fsdp <= 8; 4 heads and vocab 40 over tensor <= 4; 2 KV heads over tensor=2.
-MODEL = dict(num_layers=1, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
-VOCAB = 40  # the synthetic tokenizer's 39 tokens, padded to split over tensor
+VOCAB = TINY_VOCAB  # tests/helpers.py: the tiny model's sizes split over these meshes
 
 
 def test_conftest_provides_8_host_devices():
@@ -64,41 +61,9 @@ def test_conftest_provides_8_host_devices():
 
 @pytest.fixture(scope="module")
 def assets(sharded_assets):
-  """The session's `build_assets` (tests/conftest.py), with its compilation cache directory."""
+  """The session's `tests.helpers.tiny_lora_assets` (tests/conftest.py), with its compilation
+  cache directory."""
   return sharded_assets
-
-
-def build_assets(root: Path) -> dict:
-  """A tiny random base (HF dir + synthetic tokenizer), a LoRA policy and a LoRA reward model
-  on it with random (non-zero) adapters, and small synthetic data files, under `root`. Built
-  without compiling anything: adapters from NumPy, not from `init_adapters`."""
-  data = synthetic.prepare(root / "data", seed=0, sizes=dict(
-      prompts=8, sft_train=16, sft_eval=8, pref_train=16, pref_eval=8))
-  synthetic.build_tokenizer(root / "base")
-  cfg = _tiny_config()
-  params = random_params(Transformer(cfg), seed=0, std=0.3)
-  save_hf_checkpoint(cfg, params, root / "base")
-  lcfg = lora.LoraConfig(rank=8, alpha=16.0, targets=("attn/(q|v)/kernel$", "mlp/down/kernel$"))
-  for name, head, seed in (("policy", "lm", 1), ("reward", "scalar", 2)):
-    module = Transformer(cfg.replace(head=head), lora=lcfg)
-    full = dict(params)
-    if head == "scalar":  # the base with a random scalar head in place of the LM head
-      del full["lm_head"]
-      full["score"] = random_params(module, seed=seed, std=0.3)["score"]
-    trainable = {"lora": random_adapters(module, full, seed=seed)}
-    if head == "scalar":
-      trainable["params"] = {"score": full["score"]}
-    common.save_model(root / name, common.Model(module, {"params": {}}, trainable,
-                                                str(root / "base"), str(root / "base")))
-  return dict(root=root, base=str(root / "base"), policy=str(root / "policy"),
-              reward=str(root / "reward"), **data)
-
-
-def _tiny_config():
-  c = config.ppo_config()
-  c.model.update(MODEL)
-  return common.scratch_config(c, VOCAB, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
-                               "float32")
 
 
 def _set(c, mesh: dict, **keys):
@@ -405,7 +370,7 @@ def test_loop_resumes_into_the_sharded_layout(assets, tmp_path):
 
 def test_checkpoint_restores_into_the_layout_of_its_template(tmp_path):
   """Saved from an FSDP layout, restored into a tensor-parallel one: values equal, shards new."""
-  model = Transformer(_tiny_config())
+  model = Transformer(tiny_config())
   params = random_params(model)
   fsdp = layout_lib.Layout.from_config(_set(config.sft_config(), FSDP))
   tensor = layout_lib.Layout.from_config(_set(config.sft_config(), TENSOR))
@@ -448,7 +413,7 @@ def test_mesh_rules_override_entries_in_place():
   assert dict(rules)["kv_heads"] is None and dict(rules)["embed"] == ("fsdp", "data")
   # They reach placement: no 'tensor' on KV heads, 'embed' over fsdp x data.
   lay = layout_lib.Layout.from_config(_set(c, MIXED))
-  specs = lay.shardings(Transformer(_tiny_config()),
+  specs = lay.shardings(Transformer(tiny_config()),
                         {"params": {"layers_0": {"attn": {"k": {"kernel": 0}}}}})
   assert specs["params"]["layers_0"]["attn"]["k"]["kernel"].spec == P(("fsdp", "data"), None, None)
   assert dict(config.check_mesh(_set(config.sft_config(), ONE), 8)[0]) == ONE
