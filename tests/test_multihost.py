@@ -14,7 +14,7 @@ Tolerance: the sums of a data x fsdp = 2 x 4 mesh are reduced across processes b
 instead of inside one XLA:CPU process (in an order that varies between runs), so float32
 results differ in the last bits, and Adam (update ~ g / sqrt(v)) turns that into a visible
 difference for elements whose gradient is near zero (seen with a 2-layer, 64-wide model: up
-to 1.9e-4 on 1 of 512; with this 1-layer one every element within 5e-8 so far). So:
+to 1.9e-4 on 1 of 512; with this 1-layer one: every element within 5e-8). So:
 every adapter element within steps x lr, and at least 99% within rtol 1e-3 / atol 5e-5;
 metrics and summary rtol 1e-3 / atol 1e-4; sampled responses equal.
 """
