@@ -6,6 +6,7 @@ costs seconds of XLA compilation per family on CPU, more than the tests that use
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import jax
@@ -104,6 +105,54 @@ def tiny_hf_model(kind: str, out_dir: Path, vocab_size: int = 128, seed: int = 0
   return model
 
 
+# A 1-layer model whose sizes split over every mesh of 8 devices the tests use: embed 32 over
+# fsdp <= 8; 4 heads and vocab 40 over tensor <= 4; 2 KV heads over tensor = 2.
+TINY_MODEL = dict(num_layers=1, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                  mlp_dim=64)
+TINY_VOCAB = 40  # the synthetic tokenizer's 39 tokens, padded to split over tensor
+
+
+def tiny_config():
+  """The ModelConfig of `TINY_MODEL` (float32)."""
+  from perl_jax import config
+  from perl_jax.trainers import common
+
+  c = config.ppo_config()
+  c.model.update(TINY_MODEL)
+  return common.scratch_config(c, TINY_VOCAB, dict(pad_token_id=0, bos_token_id=1,
+                                                   eos_token_id=2), "float32")
+
+
+def tiny_lora_assets(root: Path, prompts: int = 8) -> dict:
+  """A tiny random base (HF dir + synthetic tokenizer), a LoRA policy and a LoRA reward model
+  on it with random (non-zero) adapters, and small synthetic data files (`prompts` prompts),
+  under `root`. Built without compiling anything: adapters from NumPy, not `init_adapters`."""
+  from perl_jax.data import synthetic
+  from perl_jax.models import Transformer, save_hf_checkpoint
+  from perl_jax.trainers import common
+
+  data = synthetic.prepare(root / "data", seed=0, sizes=dict(
+      prompts=prompts, sft_train=16, sft_eval=8, pref_train=16, pref_eval=8))
+  synthetic.build_tokenizer(root / "base")
+  cfg = tiny_config()
+  params = random_params(Transformer(cfg), seed=0, std=0.3)
+  save_hf_checkpoint(cfg, params, root / "base")
+  lcfg = lora.LoraConfig(rank=8, alpha=16.0, targets=("attn/(q|v)/kernel$", "mlp/down/kernel$"))
+  for name, head, seed in (("policy", "lm", 1), ("reward", "scalar", 2)):
+    module = Transformer(cfg.replace(head=head), lora=lcfg)
+    full = dict(params)
+    if head == "scalar":  # the base with a random scalar head in place of the LM head
+      del full["lm_head"]
+      full["score"] = random_params(module, seed=seed, std=0.3)["score"]
+    trainable = {"lora": random_adapters(module, full, seed=seed)}
+    if head == "scalar":
+      trainable["params"] = {"score": full["score"]}
+    common.save_model(root / name, common.Model(module, {"params": {}}, trainable,
+                                                str(root / "base"), str(root / "base")))
+  return dict(root=root, base=str(root / "base"), policy=str(root / "policy"),
+              reward=str(root / "reward"), **data)
+
+
 def ppo_prereqs(wd: Path) -> dict:
   """A random tiny policy (HF dir + word-level tokenizer), an untrained-but-nonzero LoRA reward
   model built on it, and the synthetic task's prompts, under `wd`."""
@@ -126,3 +175,24 @@ def ppo_prereqs(wd: Path) -> dict:
   common.save_model(wd / "reward", reward)
   return dict(policy=str(wd / "policy"), reward=str(wd / "reward"), prompts=data["prompts"],
               sft=data["sft_train"], wd=wd)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path: Path):
+  """JAX's persistent compilation cache in `path` while the block runs, every program cached;
+  the previous settings (no cache, as tests normally run) after it. See tests/conftest.py."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  settings = {"jax_compilation_cache_dir": str(path),
+              "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  before = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  cc.reset_cache()  # JAX creates its cache object at the first compile that uses one
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    cc.reset_cache()

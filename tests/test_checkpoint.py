@@ -1,4 +1,8 @@
-"""Checkpoints: atomic Orbax saves, exact resume after SIGKILL and SIGTERM, non-finite faults."""
+"""Checkpoints: atomic Orbax saves, exact resume after SIGKILL and SIGTERM, non-finite faults.
+
+The tests that run one job several times (PPO in worker processes, SFT in this one) compile its
+programs once: later runs load them from the session's compilation cache (tests/conftest.py).
+"""
 
 import json
 import os
@@ -19,7 +23,7 @@ from perl_jax import checkpoint, config
 from perl_jax.metrics import MetricsWriter
 from perl_jax.models import Transformer, init_params, save_hf_checkpoint
 from perl_jax.trainers import common, ppo
-from tests.helpers import one_device, ppo_prereqs
+from tests.helpers import one_device
 
 WORKER = str(Path(__file__).with_name("resume_worker.py"))
 
@@ -83,7 +87,7 @@ def test_restore_refuses_a_different_config_but_not_a_longer_run(tmp_path):
     checkpoint.Checkpointer(str(tmp_path), other).restore(_state())
 
 
-def test_restore_refuses_a_changed_base(tmp_path):
+def test_restore_refuses_a_changed_base(tmp_path, compilation_cache):  # 2nd init_params: cached
   cfg = common.scratch_config(config.sft_config(), 40, dict(pad_token_id=0, bos_token_id=1,
                                                             eos_token_id=2), "float32")
   base = tmp_path / "base"
@@ -154,26 +158,30 @@ def test_skip_counter_stops_after_k_in_a_row_naming_step_and_cause():
 
 
 @pytest.fixture(scope="module")
-def ppo_setup(tmp_path_factory):
-  """Overrides for a 6-iteration PPO run on a random tiny policy and reward model."""
+def ppo_setup(tmp_path_factory, tiny_ppo_assets, compilation_cache_env):
+  """Overrides for a 6-iteration PPO run on a random tiny (1-layer) LoRA policy and reward
+  model, and the environment of its worker processes: the first run (`straight`) fills the
+  compilation cache, the later ones, which run exactly its programs, load them from it
+  (tests/conftest.py)."""
   wd = tmp_path_factory.mktemp("resume")
-  prereqs = ppo_prereqs(wd)
-  data = {"prompts": prereqs["prompts"]}
-  overrides = {"policy.init": str(wd / "policy"), "reward.init": str(wd / "reward"),
-               "data.prompts": data["prompts"], "total_iterations": 6, "eval_every": 3,
+  assets = tiny_ppo_assets
+  overrides = {"policy.init": assets["policy"], "reward.init": assets["reward"],
+               "data.prompts": assets["prompts"], "total_iterations": 6, "eval_every": 3,
                "log_every": 1, "progress": False, "ppo.batch_size": 8,
                "rollout.max_new_tokens": 6, "checkpoint.every_steps": 2,
                "checkpoint.every_minutes": 0.0, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
   path = wd / "overrides.json"
   path.write_text(json.dumps(overrides))
   straight = wd / "straight"
-  _worker(path, straight)
-  return dict(overrides=path, straight=straight, wd=wd, values=overrides)
+  env = {**os.environ, **compilation_cache_env}
+  _worker(path, straight, env=env)
+  return dict(overrides=path, straight=straight, wd=wd, values=overrides, env=env,
+              base=assets["base"])
 
 
-def _worker(overrides, workdir, *options, expect=0):
+def _worker(overrides, workdir, *options, env, expect=0):
   proc = subprocess.run([sys.executable, WORKER, str(overrides), str(workdir), *options],
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == expect, proc.stderr[-3000:]
   return proc
 
@@ -199,25 +207,26 @@ def test_ppo_killed_mid_run_resumes_to_the_same_result(ppo_setup):
   run = ppo_setup["wd"] / "killed"
   # Rollout calls: eval 0, it 0, it 1, it 2, eval 3, it 3, it 4, it 5 -> the 8th is it 5's.
   proc = subprocess.run([sys.executable, WORKER, str(ppo_setup["overrides"]), str(run),
-                         "--kill-at-rollout=8"], capture_output=True, text=True, timeout=600)
+                         "--kill-at-rollout=8"], capture_output=True, text=True, timeout=600,
+                        env=ppo_setup["env"])
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   # Step 4's asynchronous write may or may not have finished; Orbax starts a save only after
   # the previous one is complete, so step 2 is there in any case.
   saved = checkpoint.Checkpointer(str(run), _ppo_config(ppo_setup)).latest_step()
   assert saved in (2, 4)
   assert not (run / "summary.json").exists()
-  _worker(ppo_setup["overrides"], run)
+  _worker(ppo_setup["overrides"], run, env=ppo_setup["env"])
   _assert_same_run(run, ppo_setup["straight"])
 
 
 def test_ppo_sigterm_saves_exits_75_and_resumes_to_the_same_result(ppo_setup):
   run = ppo_setup["wd"] / "preempted"
   proc = _worker(ppo_setup["overrides"], run, "--sigterm-after-iteration=2",
-                 expect=checkpoint.PREEMPTED_EXIT_CODE)
+                 env=ppo_setup["env"], expect=checkpoint.PREEMPTED_EXIT_CODE)
   assert "saved step 3" in proc.stderr
   # Step 3 is off the every-2-steps schedule: saved because of the signal.
   assert checkpoint.Checkpointer(str(run), _ppo_config(ppo_setup)).latest_step() == 3
-  _worker(ppo_setup["overrides"], run)
+  _worker(ppo_setup["overrides"], run, env=ppo_setup["env"])
   _assert_same_run(run, ppo_setup["straight"])
 
 
@@ -232,7 +241,9 @@ def _ppo_config(ppo_setup):
   return c
 
 
-def test_ppo_non_finite_advantages_skip_then_stop_with_a_good_checkpoint(ppo_setup, monkeypatch):
+def test_ppo_non_finite_advantages_skip_then_stop_with_a_good_checkpoint(ppo_setup, monkeypatch,
+                                                                        compilation_cache):
+  """In this process, with the programs the workers compiled (the compilation cache)."""
   from perl_jax import train
 
   c = _ppo_config(ppo_setup)
@@ -256,7 +267,7 @@ def test_ppo_non_finite_advantages_skip_then_stop_with_a_good_checkpoint(ppo_set
   by_step = {r["step"]: r for r in lines if "train/skipped_steps" in r}
   assert by_step[1]["train/skipped_steps"] == 2 and "loss/policy_avg" not in by_step[1]
   assert by_step[2]["train/skipped_steps"] == 2 and "loss/policy_avg" in by_step[2]
-  base = ppo_setup["values"]["policy.init"]  # policy, reward and value share this base
+  base = ppo_setup["base"]  # policy, reward and value share this base
   ck = checkpoint.Checkpointer(str(run), c, {"policy": base, "reward": base, "value": base})
   assert ck.latest_step() == 4  # after iteration 3, whose updates were all skipped
   state, _ = ck.restore(ppo_setup_state(c))
@@ -277,7 +288,8 @@ def ppo_setup_state(c):
 # --- SFT: SIGTERM in process, then resume ---------------------------------------------------
 
 
-def test_sft_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_sft_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                             compilation_cache):
   from perl_jax import train
 
   c = one_device(config.sft_config())
@@ -311,7 +323,8 @@ def test_sft_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypat
 # --- Determinism ----------------------------------------------------------------------------
 
 
-def test_same_seed_same_metrics_and_samples_other_seed_other_samples(tmp_path):
+def test_same_seed_same_metrics_and_samples_other_seed_other_samples(tmp_path,
+                                                                     compilation_cache):
   from perl_jax import train
 
   def run(name, seed):

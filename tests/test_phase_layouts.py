@@ -16,76 +16,26 @@ import jax
 import pytest
 
 from perl_jax import config
-from perl_jax.trainers import layout as layout_lib, layout_cost, phases, ppo
-from tests.test_sharded_trainers import (MIXED, _assert_close_runs, _ppo_config, assets)  # noqa
+from perl_jax.trainers import layout as layout_lib, layout_cost, phases
+from tests.test_sharded_trainers import (MIXED, _assert_close_runs, _ppo_config, assets,  # noqa
+                                         run_ppo)
 
 GEN, SCORE, TRAIN = "data=1,fsdp=1,tensor=8", "data=1,fsdp=8,tensor=1", "data=2,fsdp=2,tensor=2"
 
 
-def _run(assets, name, monkeypatch, iterations=1, **keys):
-  """Runs PPO, recording every Reallocator and the mesh shapes of the weights each phase got."""
-  seen, reallocs = [], []
-  rollout, score = ppo.rollout, ppo.make_score_fn
-
-  def spy_rollout(module, variables, *a, **k):
-    seen.append(("generate", _meshes(variables)))
-    return rollout(module, variables, *a, **k)
-
-  def spy_score_fn(*a, **k):
-    fn = score(*a, **k)
-
-    def wrapped(policy_vars, ref_vars, reward_vars, affine, value_vars, *rest):
-      seen.append(("score", _meshes((policy_vars, ref_vars, reward_vars, value_vars))))
-      return fn(policy_vars, ref_vars, reward_vars, affine, value_vars, *rest)
-
-    return wrapped
-
-  class Spy(phases.Reallocator):
-    """Logs (kind, layout, leaves moved) per call."""
-
-    def __init__(self):
-      super().__init__()
-      self.calls = []
-      reallocs.append(self)
-
-    def frozen(self, module, tree, layout):
-      n = len(self.moves)
-      out = super().frozen(module, tree, layout)
-      self.calls.append(("frozen", _meshes(out), len(self.moves) - n))
-      return out
-
-    def trainable(self, module, tree, layout):
-      n = len(self.moves)
-      out = super().trainable(module, tree, layout)
-      self.calls.append(("trainable", _meshes(out), len(self.moves) - n))
-      return out
-
-  monkeypatch.setattr(ppo, "rollout", spy_rollout)
-  monkeypatch.setattr(ppo, "make_score_fn", spy_score_fn)
-  monkeypatch.setattr(phases, "Reallocator", Spy)
-  workdir = assets["root"] / name
-  ppo.train(_ppo_config(assets, MIXED, total_iterations=iterations, eval_every=100, **keys),
-            str(workdir))
-  monkeypatch.undo()
-  return workdir, seen, reallocs[0]
-
-
-def _meshes(tree) -> set:
-  return {tuple(x.sharding.mesh.shape.values()) for x in jax.tree.leaves(tree)}
-
-
-def test_phase_layouts_match_one_layout_and_move_only_adapters(assets, monkeypatch):
-  one, one_seen, one_realloc = _run(assets, "phases_uniform", monkeypatch, iterations=2)
-  # Default config: one layout (config.mesh) for all, so every placement is a no-op.
-  assert one_realloc.moves == []
-  assert {m for _, ms in one_seen for m in ms} == {(2, 2, 2)}
-  split, seen, realloc = _run(assets, "phases_split", monkeypatch, iterations=2,
-                              phase_mesh__generate=GEN, phase_mesh__score=SCORE,
-                              phase_mesh__train=TRAIN)
+def test_phase_layouts_match_one_layout_and_move_only_adapters(assets, ppo_mixed_run):
+  # Default config: one layout (config.mesh) for all, so every placement is a no-op. This run
+  # (2 iterations) is the session's, which test_sharded_trainers.py compares with one device.
+  one = ppo_mixed_run
+  assert one.realloc.moves == []
+  assert {m for _, ms in one.seen for m in ms} == {(2, 2, 2)}
+  run = run_ppo(assets, "phases_split", MIXED, phase_mesh__generate=GEN, phase_mesh__score=SCORE,
+                phase_mesh__train=TRAIN)
+  split, seen, realloc = run.workdir, run.seen, run.realloc
   # Each phase read its weights on its own mesh (evaluation, 2 iterations, final evaluation).
   assert seen == [("generate", {(1, 1, 8)}), ("score", {(1, 8, 1)})] * 4
   # Same numbers as one layout for all phases.
-  _assert_close_runs(one, split, ("policy/trainable.safetensors",))
+  _assert_close_runs(one.workdir, split, ("policy/trainable.safetensors",))
   # Per placement of both phases: generate (policy frozen, adapters), score (policy frozen,
   # adapters, reference, reward, value frozen, value trainable): 8 calls, 4 times.
   calls = realloc.calls
@@ -178,7 +128,7 @@ def test_choose_rule_on_made_up_numbers():
   assert layout_cost.choose(pruned, dear)["train"] == C
 
 
-def test_auto_measures_and_chooses(assets):
+def test_auto_measures_and_chooses(assets, compilation_cache):  # probes: PPO runs' programs
   c = _ppo_config(assets, MIXED, layouts="auto")
   c.phase_mesh.auto_candidates, c.phase_mesh.auto_runs = 2, 1
   main = layout_lib.Layout.from_config(c)

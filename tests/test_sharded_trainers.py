@@ -1,11 +1,17 @@
 """Sharded trainers on the 8 host CPU devices of conftest.py: every layout gives the numbers of
 one device.
 
-* PPO (GAE, with a value model) runs end to end (`ppo.train`, one iteration: evaluation,
+* PPO (GAE, with a value model) runs end to end (`ppo.train`, two iterations: evaluation,
   rollout, scoring, advantages, update, checkpoint, save) on a 1 x 1 x 1 mesh over
   ``devices[:1]`` and on FSDP (fsdp=8), tensor-parallel (fsdp=2, tensor=4) and mixed
   (data=2, fsdp=2, tensor=2) meshes; GRPO (critic-free) on the mixed one. Metrics, samples,
-  the saved policy and the updated states (captured from the update step) must match.
+  the saved policy and the updated states (captured from the last update step) must match.
+  The mixed run is the session's `ppo_mixed_run` (tests/conftest.py), which
+  tests/test_phase_layouts.py reads too (one layout for all phases); compiling dominates a run,
+  the second iteration costs ~0.1 s. PPO runs use the session's compilation cache
+  (tests/conftest.py): a program another run compiled for the same mesh (per-phase layouts,
+  `layouts=auto` probes) is loaded, not compiled again; the key covers HLO, devices and compile
+  options, so what runs is what a compile would give.
 * SFT and reward: one step each, built exactly as their trainers build it, sharded against
   one device; and `loop.run` (their shared loop) resumed from a checkpoint into the sharded
   layout ends bit for bit where an uninterrupted run does.
@@ -22,8 +28,10 @@ Adam's moments, batches): a run that ignored the mesh would match one device tri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +40,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
-from perl_jax import checkpoint, config, lora
-from perl_jax.data import synthetic
+from perl_jax import checkpoint, config
 from perl_jax.data.pipeline import Batches
-from perl_jax.models import Transformer, save_hf_checkpoint
-from perl_jax.trainers import common, layout as layout_lib, ppo, reward, sft
-from tests.helpers import random_adapters, random_params
+from perl_jax.models import Transformer
+from perl_jax.trainers import common, layout as layout_lib, phases, ppo, reward, sft
+from tests.helpers import TINY_VOCAB, persistent_compilation_cache, random_params, tiny_config
 
 ONE = dict(data=1, fsdp=1, tensor=1)  # 1 device: devices[:1]
 FSDP = dict(data=1, fsdp=8, tensor=1)
@@ -45,9 +52,7 @@ TENSOR = dict(data=1, fsdp=2, tensor=4)
 MIXED = dict(data=2, fsdp=2, tensor=2)
 RTOL, ATOL = 1e-4, 1e-5
 ADAM_EPS = 1e-4  # see the module docstring
-# embed 32 splits over fsdp <= 8; 4 heads and vocab 40 over tensor <= 4; 2 KV heads over tensor=2.
-MODEL = dict(num_layers=1, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
-VOCAB = 40  # the synthetic tokenizer's 39 tokens, padded to split over tensor
+VOCAB = TINY_VOCAB  # tests/helpers.py: the tiny model's sizes split over these meshes
 
 
 def test_conftest_provides_8_host_devices():
@@ -55,38 +60,10 @@ def test_conftest_provides_8_host_devices():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  """A tiny random base (HF dir + synthetic tokenizer), a LoRA policy and a LoRA reward model
-  on it with random (non-zero) adapters, and small synthetic data files. Built without
-  compiling anything: adapters from NumPy, not from `init_adapters`."""
-  root = tmp_path_factory.mktemp("sharded")
-  data = synthetic.prepare(root / "data", seed=0, sizes=dict(
-      prompts=8, sft_train=16, sft_eval=8, pref_train=16, pref_eval=8))
-  synthetic.build_tokenizer(root / "base")
-  cfg = _tiny_config()
-  params = random_params(Transformer(cfg), seed=0, std=0.3)
-  save_hf_checkpoint(cfg, params, root / "base")
-  lcfg = lora.LoraConfig(rank=8, alpha=16.0, targets=("attn/(q|v)/kernel$", "mlp/down/kernel$"))
-  for name, head, seed in (("policy", "lm", 1), ("reward", "scalar", 2)):
-    module = Transformer(cfg.replace(head=head), lora=lcfg)
-    full = dict(params)
-    if head == "scalar":  # the base with a random scalar head in place of the LM head
-      del full["lm_head"]
-      full["score"] = random_params(module, seed=seed, std=0.3)["score"]
-    trainable = {"lora": random_adapters(module, full, seed=seed)}
-    if head == "scalar":
-      trainable["params"] = {"score": full["score"]}
-    common.save_model(root / name, common.Model(module, {"params": {}}, trainable,
-                                                str(root / "base"), str(root / "base")))
-  return dict(root=root, base=str(root / "base"), policy=str(root / "policy"),
-              reward=str(root / "reward"), **data)
-
-
-def _tiny_config():
-  c = config.ppo_config()
-  c.model.update(MODEL)
-  return common.scratch_config(c, VOCAB, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
-                               "float32")
+def assets(sharded_assets):
+  """The session's `tests.helpers.tiny_lora_assets` (tests/conftest.py), with its compilation
+  cache directory."""
+  return sharded_assets
 
 
 def _set(c, mesh: dict, **keys):
@@ -164,34 +141,96 @@ def _record(monkeypatch, module, name: str, calls: list):
 def _ppo_config(assets, mesh: dict, **keys):
   c = config.ppo_config()
   # 8 prompts = the batch = the evaluation rows: rollout and evaluation share compiled programs.
+  # Two iterations (evaluations at 0 and at the end): the second rolls out, scores and updates
+  # with the weights the first one updated.
   return _set(c, mesh, **{**dict(
       policy__init=assets["policy"], reward__init=assets["reward"],
-      data__prompts=assets["prompts"], total_iterations=1, ppo__batch_size=8,
+      data__prompts=assets["prompts"], total_iterations=2, ppo__batch_size=8,
       ppo__num_minibatches=1, rollout__max_new_tokens=6, optimizer__eps=ADAM_EPS), **keys})
 
 
-def _ppo_run(assets, monkeypatch, name: str, mesh: dict, **keys):
-  calls = []
-  _record(monkeypatch, ppo, "make_update_fn", calls)
+@dataclasses.dataclass
+class PpoRun:
+  """What `run_ppo` saw of one `ppo.train`."""
+
+  workdir: Path
+  frozen: dict  # the last update step's frozen trees ...
+  batch: dict  # ... and rollout arrays
+  policy: Any  # the states that step returned (ppo.TrainState; value: None without a critic)
+  value: Any
+  seen: list  # (phase, {mesh shape of the weights it read}) per rollout and scoring call
+  realloc: Any  # the run's `phases.Reallocator`; .calls: (kind, {mesh shape}, leaves moved)
+
+
+def run_ppo(assets, name: str, mesh: dict, **keys) -> PpoRun:
+  """Runs PPO in `assets["root"] / name` (compilation cache on), recording the update steps,
+  the meshes of the weights rollout and scoring read, and every placement of the
+  `phases.Reallocator`."""
+  updates, seen, reallocs = [], [], []
+  meshes = lambda tree: {tuple(x.sharding.mesh.shape.values()) for x in jax.tree.leaves(tree)}
+  rollout, score = ppo.rollout, ppo.make_score_fn
+
+  def spy_rollout(module, variables, *a, **k):
+    seen.append(("generate", meshes(variables)))
+    return rollout(module, variables, *a, **k)
+
+  def spy_score_fn(*a, **k):
+    fn = score(*a, **k)
+
+    def wrapped(policy_vars, ref_vars, reward_vars, affine, value_vars, *rest):
+      seen.append(("score", meshes((policy_vars, ref_vars, reward_vars, value_vars))))
+      return fn(policy_vars, ref_vars, reward_vars, affine, value_vars, *rest)
+
+    return wrapped
+
+  class Spy(phases.Reallocator):
+    """Logs (kind, meshes, leaves moved) per call."""
+
+    def __init__(self):
+      super().__init__()
+      self.calls = []
+      reallocs.append(self)
+
+    def frozen(self, module, tree, layout):
+      n = len(self.moves)
+      out = super().frozen(module, tree, layout)
+      self.calls.append(("frozen", meshes(out), len(self.moves) - n))
+      return out
+
+    def trainable(self, module, tree, layout):
+      n = len(self.moves)
+      out = super().trainable(module, tree, layout)
+      self.calls.append(("trainable", meshes(out), len(self.moves) - n))
+      return out
+
   workdir = assets["root"] / name
-  ppo.train(_ppo_config(assets, mesh, **keys), str(workdir))
-  monkeypatch.undo()
-  (args, (pol, val, _)), = calls  # one iteration, one epoch: one update
-  return workdir, args[2], pol, val, args[3]  # frozen trees, updated states, the rollout batch
+  c = _ppo_config(assets, mesh, **keys)
+  with pytest.MonkeyPatch.context() as mp, persistent_compilation_cache(assets["cache"]):
+    _record(mp, ppo, "make_update_fn", updates)
+    mp.setattr(ppo, "rollout", spy_rollout)
+    mp.setattr(ppo, "make_score_fn", spy_score_fn)
+    mp.setattr(phases, "Reallocator", Spy)
+    ppo.train(c, str(workdir))
+  assert len(updates) == c.total_iterations  # one epoch per iteration: one update each
+  args, (pol, val, _) = updates[-1]  # earlier steps' outputs were donated to the next one
+  return PpoRun(workdir, args[2], args[3], pol, val, seen, reallocs[0])
 
 
 @pytest.fixture(scope="module")
 def ppo_one_device(assets):
-  with pytest.MonkeyPatch.context() as mp:
-    return _ppo_run(assets, mp, "ppo_one", ONE)
+  return run_ppo(assets, "ppo_one", ONE)
 
 
 @pytest.mark.parametrize("mesh", [FSDP, TENSOR, MIXED], ids=["fsdp8", "fsdp2_tensor4",
                                                              "data2_fsdp2_tensor2"])
-def test_ppo_iteration_matches_one_device(assets, ppo_one_device, monkeypatch, mesh):
-  one_dir, _, one_pol, one_val, _ = ppo_one_device
-  name = "ppo_" + "_".join(f"{k}{v}" for k, v in mesh.items())
-  workdir, frozen, pol, val, batch = _ppo_run(assets, monkeypatch, name, mesh)
+def test_ppo_iteration_matches_one_device(assets, ppo_one_device, request, mesh):
+  one = ppo_one_device
+  one_dir, one_pol, one_val = one.workdir, one.policy, one.value
+  if mesh == MIXED:  # the session's run, which tests/test_phase_layouts.py reads as well
+    run = request.getfixturevalue("ppo_mixed_run")
+  else:
+    run = run_ppo(assets, "ppo_" + "_".join(f"{k}{v}" for k, v in mesh.items()), mesh)
+  workdir, frozen, pol, val, batch = run.workdir, run.frozen, run.policy, run.value, run.batch
   fsdp, tensor = mesh["fsdp"], mesh["tensor"]
   rows = {shape[0] for shape in _assert_placed(batch, mesh).values()}
   assert rows == {8 // (mesh["data"] * fsdp)}  # 8 responses split over data x fsdp
@@ -215,11 +254,13 @@ def test_ppo_iteration_matches_one_device(assets, ppo_one_device, monkeypatch, m
   assert max(jax.tree.leaves(moved["lora"])) > 0  # the update did something to compare
 
 
-def test_grpo_iteration_matches_one_device(assets, monkeypatch):
+def test_grpo_iteration_matches_one_device(assets):
   """Critic-free (no value model), 2 samples per prompt, 2 minibatches."""
   keys = dict(ppo__estimator="grpo", rollout__num_samples=2, ppo__num_minibatches=2)
-  one_dir, _, one_pol, no_value, _ = _ppo_run(assets, monkeypatch, "grpo_one", ONE, **keys)
-  workdir, frozen, pol, _, _ = _ppo_run(assets, monkeypatch, "grpo_mixed", MIXED, **keys)
+  one = run_ppo(assets, "grpo_one", ONE, **keys)
+  one_dir, one_pol, no_value = one.workdir, one.policy, one.value
+  run = run_ppo(assets, "grpo_mixed", MIXED, **keys)
+  workdir, frozen, pol = run.workdir, run.frozen, run.policy
   assert no_value is None
   assert _assert_placed(frozen["policy"], MIXED)["params/lm_head/kernel"] == (16, VOCAB // 2)
   assert _assert_placed(pol.trainable, MIXED)["lora/layers_0/mlp/down/b"] == (8, 16)
@@ -329,7 +370,7 @@ def test_loop_resumes_into_the_sharded_layout(assets, tmp_path):
 
 def test_checkpoint_restores_into_the_layout_of_its_template(tmp_path):
   """Saved from an FSDP layout, restored into a tensor-parallel one: values equal, shards new."""
-  model = Transformer(_tiny_config())
+  model = Transformer(tiny_config())
   params = random_params(model)
   fsdp = layout_lib.Layout.from_config(_set(config.sft_config(), FSDP))
   tensor = layout_lib.Layout.from_config(_set(config.sft_config(), TENSOR))
@@ -372,7 +413,7 @@ def test_mesh_rules_override_entries_in_place():
   assert dict(rules)["kv_heads"] is None and dict(rules)["embed"] == ("fsdp", "data")
   # They reach placement: no 'tensor' on KV heads, 'embed' over fsdp x data.
   lay = layout_lib.Layout.from_config(_set(c, MIXED))
-  specs = lay.shardings(Transformer(_tiny_config()),
+  specs = lay.shardings(Transformer(tiny_config()),
                         {"params": {"layers_0": {"attn": {"k": {"kernel": 0}}}}})
   assert specs["params"]["layers_0"]["attn"]["k"]["kernel"].spec == P(("fsdp", "data"), None, None)
   assert dict(config.check_mesh(_set(config.sft_config(), ONE), 8)[0]) == ONE
