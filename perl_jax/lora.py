@@ -119,9 +119,9 @@ def adapter_creator(model: Any):
   """
   if model.lora is None:
     raise ValueError("LoRA adapters need a model constructed with lora=LoraConfig(...)")
-  tokens = jnp.zeros((1, 1), jnp.int32)
 
   def create(params: Params, rng: jax.Array) -> Params:
+    tokens = jnp.zeros((1, 1), jnp.int32)  # made in the trace: an eager array compiles a program
     _, variables = model.apply({"params": params}, tokens, rngs={"lora_init": rng}, mutable=["lora"])
     return variables["lora"]
 
@@ -138,30 +138,65 @@ def init_adapters(model: Any, params: Params, rng: jax.Array) -> Params:
 
 
 def adapter_shapes(model: Any, params: Params, rng: jax.Array) -> Params:
-  """The adapter tree of `model` as unboxed ShapeDtypeStructs (traced, nothing compiled)."""
-  return unbox(jax.eval_shape(adapter_creator(model), params, rng))
+  """The adapter tree of `model` as plain ShapeDtypeStructs (traced, nothing compiled)."""
+  # Boxes are stripped by hand: Flax's unbox() would apply sharding constraints to these
+  # ShapeDtypeStructs inside an active mesh/rules context, which is an error outside a trace.
+  boxed = jax.eval_shape(adapter_creator(model), params, rng)
+  is_box = lambda x: isinstance(x, _flax_box_type())
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
 
 
 def fill_adapters(abstract: Params, rng: jax.Array) -> Params:
-  """Host (NumPy) values for an adapter tree of ShapeDtypeStructs: A ~ N(0, 1/fan_in), B = 0.
+  """Values for an adapter tree of ShapeDtypeStructs: A ~ N(0, 1/fan_in), B = 0.
 
-  The draws depend only on `rng` and the tree (leaves in `jax.tree` order), so every process
-  of a multi-host run makes the same adapters and can place them with `jax.device_put`.
+  Drawn on the host with NumPy: the draws depend only on `rng` and the tree (leaves in
+  `jax.tree` order), so every process of a multi-host run makes the same adapters and can
+  place them with `jax.device_put`. Under a trace (the planner's `jax.eval_shape`) the key has
+  no value, so the same distribution is drawn with `jax.random` instead; only shapes matter
+  there.
   """
+  if isinstance(rng, jax.core.Tracer):
+    return _traced_fill(abstract, rng)
   seed = np.asarray(jax.random.key_data(rng), np.uint32).ravel()
   gen = np.random.default_rng(seed)
 
   def fill(path, leaf):
-    name = path_str(path).rsplit("/", 1)[-1]
-    if name == "b":
+    if _leaf_kind(path) == "b":
       return np.zeros(leaf.shape, leaf.dtype)
-    if name != "a":
-      raise ValueError(f"unexpected leaf {path_str(path)!r} in an adapter tree")
-    fan_in = int(np.prod(leaf.shape[:-1]))
-    a = gen.standard_normal(leaf.shape, np.float32) * np.float32(fan_in ** -0.5)
+    a = gen.standard_normal(leaf.shape, np.float32) * np.float32(_fan_in(leaf) ** -0.5)
     return a.astype(leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def _traced_fill(abstract: Params, rng: jax.Array) -> Params:
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  keys = jax.random.split(rng, max(len(leaves), 1))
+  out = []
+  for key, (path, leaf) in zip(keys, leaves):
+    if _leaf_kind(path) == "b":
+      out.append(jnp.zeros(leaf.shape, leaf.dtype))
+    else:
+      a = jax.random.normal(key, leaf.shape, jnp.float32) * (_fan_in(leaf) ** -0.5)
+      out.append(a.astype(leaf.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _leaf_kind(path) -> str:
+  name = path_str(path).rsplit("/", 1)[-1]
+  if name not in ("a", "b"):
+    raise ValueError(f"unexpected leaf {path_str(path)!r} in an adapter tree")
+  return name
+
+
+def _fan_in(leaf) -> int:
+  return int(np.prod(leaf.shape[:-1]))
+
+
+def _flax_box_type():
+  import flax.linen as nn  # local: this module's math needs no Flax
+
+  return nn.meta.AxisMetadata
 
 
 def unbox(tree: Params) -> Params:
