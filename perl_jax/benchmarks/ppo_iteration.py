@@ -200,7 +200,8 @@ def _gflop(compiled) -> float | None:
 
 def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, new_tokens: int,
             dtype: str, warmup: int, iters: int, seed: int, log_compiles: bool,
-            flops: bool, trim: bool = True, profile: str | None = None) -> dict[str, Any]:
+            flops: bool, trim: bool = True, profile: str | None = None,
+            grad_accum: int = 0) -> dict[str, Any]:
   """Builds the PPO pieces as `ppo.train` does and times `iters` iterations after `warmup`."""
   mem_start = _rss_mb()
   import functools
@@ -225,6 +226,8 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
   c.seed = seed
   c.policy.init, c.reward.init = policy_dir, reward_dir
   c.ppo.batch_size, c.ppo.num_minibatches, c.ppo.epochs = batch, 2, 1
+  if grad_accum:
+    c.ppo.grad_accum = grad_accum
   c.rollout.max_new_tokens, c.rollout.stop_at_eos = new_tokens, False
   c.data.max_prompt_len = prompt_len
   config.validate(c)
@@ -496,7 +499,7 @@ def _child(args: argparse.Namespace) -> None:
                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
                    warmup=args.warmup, iters=args.iters, seed=args.seed,
                    log_compiles=args.log_compiles, flops=args.flops, trim=args.trim,
-                   profile=args.profile)
+                   profile=args.profile, grad_accum=args.grad_accum)
   print(_RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -507,7 +510,7 @@ def _run_isolated(args: argparse.Namespace, policy_dir: str, reward_dir: str, ba
          f"--prompt_len={args.prompt_len}", f"--new_tokens={new_tokens}",
          f"--dtype={args.dtype}", f"--warmup={args.warmup}", f"--iters={args.iters}",
          f"--seed={args.seed}", "--flops" if args.flops else "--no-flops",
-         "--trim" if args.trim else "--no-trim"]
+         "--trim" if args.trim else "--no-trim", f"--grad_accum={args.grad_accum}"]
   if args.log_compiles:
     cmd.append("--log_compiles")
   if args.profile:
@@ -549,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--profile", default=None,
                       help="trace 2 more iterations with jax.profiler into this directory "
                       "(a Perfetto trace: perfetto_trace.json.gz)")
+  parser.add_argument("--grad_accum", type=int, default=0,
+                      help="ppo.grad_accum: microbatches per minibatch (0: the config's)")
   parser.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")
   parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--policy_dir", default=None, help=argparse.SUPPRESS)
@@ -582,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         r = measure(policy_dir, reward_dir, batch=batch, prompt_len=args.prompt_len,
                     new_tokens=new_tokens, dtype=args.dtype, warmup=args.warmup,
                     iters=args.iters, seed=args.seed, log_compiles=args.log_compiles,
-                    flops=args.flops, profile=args.profile)
+                    flops=args.flops, profile=args.profile, grad_accum=args.grad_accum)
       print(f"[done] {_name(r)}: {r['iter_s']:.3f} s/iter", flush=True)
       results.append(r)
   report(results, args)
