@@ -241,3 +241,25 @@ def test_adapter_init_is_seeded_and_scaled_by_fan_in():
     assert a.size >= 512 and abs(a.std() * fan_in ** 0.5 - 1) < 0.15, path
     a_values.append(a.ravel()[:8])
   assert len({v.tobytes() for v in a_values}) == len(a_values)  # adapters are not copies
+
+
+def test_adapter_init_under_a_trace_and_an_active_mesh():
+  """The planner evaluates model loading abstractly, and sharded trainers create adapters
+  inside an active mesh: both must give the eager call's shapes, dtypes and distribution."""
+  from perl_jax import sharding
+
+  cfg, lcfg, model, params, adapters = _setup("llama", rank=16)
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype), adapters)
+  abstract = jax.eval_shape(lambda r: lora.init_adapters(model, params, r), jax.random.PRNGKey(1))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == expected
+  traced = jax.jit(lambda r: lora.init_adapters(model, params, r))(jax.random.PRNGKey(1))
+  for (path, ab), (_, ab_eager) in zip(lora._adapter_items(traced),
+                                       lora._adapter_items(adapters)):
+    a, b = np.asarray(ab["a"]), np.asarray(ab["b"])
+    fan_in = int(np.prod(a.shape[:-1]))
+    assert abs(a.std() * fan_in ** 0.5 - 1) < 0.15, path  # N(0, 1/fan_in), as eagerly
+    np.testing.assert_array_equal(b, np.zeros_like(ab_eager["b"]))
+  with sharding.activate(sharding.make_mesh(data=1)):
+    shapes = lora.adapter_shapes(model, params, jax.random.PRNGKey(1))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes) == expected
