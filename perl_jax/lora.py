@@ -139,11 +139,19 @@ def init_adapters(model: Any, params: Params, rng: jax.Array) -> Params:
 
 def adapter_shapes(model: Any, params: Params, rng: jax.Array) -> Params:
   """The adapter tree of `model` as plain ShapeDtypeStructs (traced, nothing compiled)."""
-  # Boxes are stripped by hand: Flax's unbox() would apply sharding constraints to these
-  # ShapeDtypeStructs inside an active mesh/rules context, which is an error outside a trace.
-  boxed = jax.eval_shape(adapter_creator(model), params, rng)
-  is_box = lambda x: isinstance(x, _flax_box_type())
-  return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
+  return strip_boxes(jax.eval_shape(adapter_creator(model), params, rng))
+
+
+def strip_boxes(tree: Params) -> Params:
+  """`tree` without Flax's metadata boxes, applying no sharding constraint.
+
+  For abstract trees: Flax's unbox() constrains each leaf to its logical axes inside an active
+  mesh/rules context, which is an error for a ShapeDtypeStruct outside a trace.
+  """
+  import flax.linen as nn  # local: this module's math needs no Flax
+
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
 def fill_adapters(abstract: Params, rng: jax.Array) -> Params:
@@ -191,12 +199,6 @@ def _leaf_kind(path) -> str:
 
 def _fan_in(leaf) -> int:
   return int(np.prod(leaf.shape[:-1]))
-
-
-def _flax_box_type():
-  import flax.linen as nn  # local: this module's math needs no Flax
-
-  return nn.meta.AxisMetadata
 
 
 def unbox(tree: Params) -> Params:

@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from perl_jax.lora import adapter_creator, adapter_shapes, check_targets, fill_adapters, path_str
+from perl_jax.lora import (adapter_creator, adapter_shapes, check_targets, fill_adapters, path_str,
+                           strip_boxes)
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,7 @@ def abstract_variables(model: nn.Module, collection: str = "params") -> Any:
     return variables["params"]
   if collection != "lora":
     raise ValueError(f"collection={collection!r} must be 'params' or 'lora'")
-  # Strip the boxes without Flax's unbox(), which would apply sharding constraints to these
-  # ShapeDtypeStructs when called inside `activate` (outside a trace, that is an error).
-  params = jax.tree.map(lambda x: x.value if _is_box(x) else x, variables["params"],
-                        is_leaf=_is_box)
+  params = strip_boxes(variables["params"])  # not unbox(): see lora.strip_boxes
 
   return jax.eval_shape(adapter_creator(model), params, rng)
 
