@@ -164,41 +164,24 @@ def fill_adapters(abstract: Params, rng: jax.Array) -> Params:
   there.
   """
   if isinstance(rng, jax.core.Tracer):
-    return _traced_fill(abstract, rng)
-  seed = np.asarray(jax.random.key_data(rng), np.uint32).ravel()
-  gen = np.random.default_rng(seed)
+    keys = iter(jax.random.split(rng, len(jax.tree.leaves(abstract))))
+    normal = lambda shape: jax.random.normal(next(keys), shape, jnp.float32)
+    zeros = jnp.zeros
+  else:
+    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng), np.uint32).ravel())
+    normal = lambda shape: gen.standard_normal(shape, np.float32)
+    zeros = np.zeros
 
   def fill(path, leaf):
-    if _leaf_kind(path) == "b":
-      return np.zeros(leaf.shape, leaf.dtype)
-    a = gen.standard_normal(leaf.shape, np.float32) * np.float32(_fan_in(leaf) ** -0.5)
-    return a.astype(leaf.dtype)
+    name = path_str(path).rsplit("/", 1)[-1]
+    if name == "b":
+      return zeros(leaf.shape, leaf.dtype)
+    if name != "a":
+      raise ValueError(f"unexpected leaf {path_str(path)!r} in an adapter tree")
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return (normal(leaf.shape) * np.float32(fan_in ** -0.5)).astype(leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
-def _traced_fill(abstract: Params, rng: jax.Array) -> Params:
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-  keys = jax.random.split(rng, max(len(leaves), 1))
-  out = []
-  for key, (path, leaf) in zip(keys, leaves):
-    if _leaf_kind(path) == "b":
-      out.append(jnp.zeros(leaf.shape, leaf.dtype))
-    else:
-      a = jax.random.normal(key, leaf.shape, jnp.float32) * (_fan_in(leaf) ** -0.5)
-      out.append(a.astype(leaf.dtype))
-  return jax.tree.unflatten(treedef, out)
-
-
-def _leaf_kind(path) -> str:
-  name = path_str(path).rsplit("/", 1)[-1]
-  if name not in ("a", "b"):
-    raise ValueError(f"unexpected leaf {path_str(path)!r} in an adapter tree")
-  return name
-
-
-def _fan_in(leaf) -> int:
-  return int(np.prod(leaf.shape[:-1]))
 
 
 def unbox(tree: Params) -> Params:
