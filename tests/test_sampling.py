@@ -158,7 +158,7 @@ def test_samples_follow_the_filtered_distribution():
   np.testing.assert_allclose(freq, probs, atol=0.03)  # ~4 standard errors at 4000 draws
 
 
-def test_draw_matches_the_distribution_and_never_picks_cut_tokens():
+def test_draw_matches_the_distribution_and_never_picks_cut_tokens(monkeypatch):
   # Rows: a spread distribution, one cut by top-k (its last tokens have probability 0, so a
   # draw at the top of [0, total) must not fall on them), and a single certain token.
   rng = np.random.default_rng(0)
@@ -179,12 +179,8 @@ def test_draw_matches_the_distribution_and_never_picks_cut_tokens():
   # u at the very top of the range still lands on the last token with mass.
   top = jnp.asarray(logprobs[1:2])
   uniform_one = lambda key, shape: jnp.full(shape, 1.0, jnp.float32)  # beyond any real draw
-  orig = jax.random.uniform
-  try:
-    jax.random.uniform = uniform_one
-    tok = int(draw(jax.random.PRNGKey(0), top)[0])
-  finally:
-    jax.random.uniform = orig
+  monkeypatch.setattr(jax.random, "uniform", uniform_one)
+  tok = int(draw(jax.random.PRNGKey(0), top)[0])
   assert tok == int(np.flatnonzero(probs[1] > 0).max())
 
 
