@@ -49,9 +49,10 @@ estimated as one forward over the P - 1 prefilled tokens + ``new_tokens`` one-to
 runs far from the machine's matmul rate.
 
 Memory: resident set size (psutil, when installed) after each setup step and after the
-first, compiling, call of each phase; the peak is ``ru_maxrss``. "trimmed" is the RSS after
-glibc's ``malloc_trim(0)`` at the end, i.e. without heap that was freed but not returned
-(mostly left over from XLA compilation). "score tmp" / "update tmp" are the XLA temp buffers
+first, compiling, call of each phase; the peak is the process's own high-water mark (VmHWM,
+see `_peak_rss_mb`). "trimmed" is the RSS after glibc's ``malloc_trim(0)`` at the end, i.e.
+without heap that was freed but not returned (mostly left over from XLA compilation). "score
+tmp" / "update tmp" are the XLA temp buffers
 of those compiled programs (activations kept for the backward pass etc.), and "device peak"
 the accelerator's peak bytes in use where the backend reports it. By default every
 configuration runs in a fresh subprocess (``--isolate``), so each peak belongs to one
@@ -145,8 +146,25 @@ def build_checkpoints(root: str, preset: str | None, dtype: str) -> tuple[str, s
 # --- Measurement ----------------------------------------------------------------------------
 
 
+def _peak_rss_mb() -> float:
+  """This process's peak RSS: the kernel's high-water mark of its own memory map (VmHWM).
+
+  Not ``ru_maxrss``: Linux carries that across fork and exec, so a child started by a parent
+  of 700 MB (this script's, after torch wrote the checkpoints) reported >= 700 MB whatever
+  it used itself. ``ru_maxrss`` is the fallback where /proc is missing.
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024  # kB
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _rss_mb() -> dict[str, float]:
-  out = {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+  out = {"maxrss_mb": _peak_rss_mb()}
   try:
     import psutil
 
@@ -219,6 +237,7 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
     from perl_jax import host
 
     host.trim_after_compiles()  # as perl_jax.train does
+    host.fix_mmap_threshold()  # as ppo.train does
   mem_import = _rss_mb()
   c = config.ppo_config()
   lora_block(c)
@@ -455,7 +474,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
                  opt(r["device_peak_mb"])])
   print_table("Memory, MB: RSS after importing jax + perl_jax / loading the 4 models / loading "
                "the tokenizer / the first (compiling) generate, score, update / the timed "
-               "iterations / malloc_trim(0); peak RSS = ru_maxrss; XLA temp buffers of the "
+               "iterations / malloc_trim(0); peak RSS = VmHWM; XLA temp buffers of the "
                "compiled score and update programs" + ("" if args.isolate else
                                                       " (one process: peaks accumulate)"),
                ["config", "imported", "models", "tokenizer", "1st gen", "1st score",

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from perl_jax import checkpoint, distributed, rl
+from perl_jax import checkpoint, distributed, host, rl
 from perl_jax import lora as lora_lib
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
 from perl_jax.trainers import common, phases
@@ -296,7 +296,8 @@ def _minibatch_epoch(loss_fn: Callable, optimizer: optax.GradientTransformation,
     state = common.apply_if(flags["nonfinite/any"] == 0, optimizer, state, grads)
     return state, (met, flags)
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  @functools.partial(jax.jit, donate_argnums=(0,),
+                     compiler_options=host.gradient_compiler_options())
   def epoch(state, frozen, data, rng):
     perm_rng, step_rng = jax.random.split(rng)
     perm = jax.random.permutation(perm_rng, data["tokens"].shape[0])
@@ -397,6 +398,7 @@ def _train(c, workdir: str, gold_fn: Callable[[list[str]], np.ndarray] | None,
   from perl_jax.tokenizers import eos_ids
 
   # --- Setup: models, tokenizer, prompts, optimizers --------------------------------------
+  host.fix_mmap_threshold()  # rollout, scoring and update buffers never fragment the heap
   rng = jax.random.PRNGKey(c.seed)
   rng, model_rng = jax.random.split(rng)
   np_rng = np.random.default_rng(c.seed)
