@@ -52,11 +52,11 @@ Memory: resident set size (psutil, when installed) after each setup step and aft
 first, compiling, call of each phase; the peak is the process's own high-water mark (VmHWM,
 see `_peak_rss_mb`). "trimmed" is the RSS after glibc's ``malloc_trim(0)`` at the end, i.e.
 without heap that was freed but not returned (mostly left over from XLA compilation). "score
-tmp" / "update tmp" are the XLA temp buffers
-of those compiled programs (activations kept for the backward pass etc.), and "device peak"
-the accelerator's peak bytes in use where the backend reports it. By default every
-configuration runs in a fresh subprocess (``--isolate``), so each peak belongs to one
-configuration alone; checkpoints are written once by the parent.
+tmp" / "update tmp" are the XLA temp buffers of those compiled programs (activations kept for
+the backward pass etc.), and "device peak" the accelerator's peak bytes in use where the
+backend reports it. By default every configuration runs in a fresh subprocess
+(``--isolate``), so each peak belongs to one configuration alone; checkpoints are written
+once by the parent.
 
 Scaling: besides the base configuration, the prompts per iteration (``--batch``) and the
 response length (``--new_tokens``) are doubled, separately and together; the table reports
