@@ -39,7 +39,7 @@ import optax
 from perl_jax import checkpoint, distributed, host, rl
 from perl_jax import lora as lora_lib
 from perl_jax.sampling import SamplingConfig, sample, token_logprobs
-from perl_jax.trainers import common, phases
+from perl_jax.trainers import common, flat_state, phases
 from perl_jax.trainers.layout import Layout, to_host
 from perl_jax.trainers.reward import last_token
 
@@ -271,20 +271,27 @@ def _minibatch_epoch(loss_fn: Callable, optimizer: optax.GradientTransformation,
                      grad_norm_key: str) -> Callable:
   """Jitted (state, frozen, data, rng) -> (state, mean metrics, per-minibatch flags) for one
   model: data shuffled by a permutation drawn from `rng`, split into ``p.num_minibatches``
-  optimizer steps of ``p.grad_accum`` accumulated microbatches each."""
+  optimizer steps of ``p.grad_accum`` accumulated microbatches each.
+
+  With ``flat=True`` the trainable tree and its optimizer state are flat vectors inside
+  (`flat_state`): one vector instead of a leaf per adapter, so the optimizer, the finiteness
+  checks and the scan carry are a handful of instructions rather than a group per leaf.
+  Unless told, calls (and ``.lower``) choose ``flat = flat_state.on_one_device(trainable)``:
+  under a multi-device mesh the tree form keeps every leaf's own sharding."""
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def minibatch_step(state, mb_and_rng, frozen):
+  def minibatch_step(state, mb_and_rng, frozen, layout):
     mb, rng = mb_and_rng
     micro = jax.tree.map(lambda x: x.reshape((p.grad_accum, -1) + x.shape[1:]), mb)
+    trainable = state.trainable if layout is None else layout.unravel(state.trainable)
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
 
     def accumulate(acc, m_and_key):  # gradient accumulation over microbatches
       m, key = m_and_key
-      grads, metrics = grad_fn(state.trainable, frozen, m, key)
-      return add(acc, (grads, metrics)), None
+      grads, metrics = grad_fn(trainable, frozen, m, key)
+      return add(acc, (grads if layout is None else layout.ravel(grads), metrics)), None
 
-    _, met_shape = jax.eval_shape(loss_fn, state.trainable, frozen,
+    _, met_shape = jax.eval_shape(loss_fn, trainable, frozen,
                                   jax.tree.map(lambda x: x[0], micro), rng)
     init = (jax.tree.map(jnp.zeros_like, state.trainable),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), met_shape))
@@ -297,21 +304,45 @@ def _minibatch_epoch(loss_fn: Callable, optimizer: optax.GradientTransformation,
     return state, (met, flags)
 
   @functools.partial(jax.jit, donate_argnums=(0,),
-                     compiler_options=host.gradient_compiler_options())
-  def epoch(state, frozen, data, rng):
+                     static_argnames=("flat",), compiler_options=host.gradient_compiler_options())
+  def epoch(state, frozen, data, rng, flat: bool = True):
+    flat = flat_state.flatten(optimizer, state.trainable, state.opt_state) if flat else None
+    layout = None
+    if flat is not None:
+      layout, vector, flat_opt, unflatten = flat
+      state = TrainState(vector, flat_opt)
     perm_rng, step_rng = jax.random.split(rng)
     perm = jax.random.permutation(perm_rng, data["tokens"].shape[0])
     mbs = jax.tree.map(lambda x: x[perm].reshape((p.num_minibatches, -1) + x.shape[1:]), data)
     keys = jax.random.split(step_rng, p.num_minibatches)
-    state, (metrics, flags_M) = jax.lax.scan(functools.partial(minibatch_step, frozen=frozen),
-                                             state, (mbs, keys))
+    state, (metrics, flags_M) = jax.lax.scan(
+        functools.partial(minibatch_step, frozen=frozen, layout=layout), state, (mbs, keys))
+    if layout is not None:
+      state = TrainState(*unflatten(state.trainable, state.opt_state))
     # Means over the minibatches that were applied; the per-minibatch flags go to the host.
     ok_M = flags_M["nonfinite/any"] == 0
     mean = lambda x_M: jnp.where(ok_M.any(), jnp.where(ok_M, x_M, 0.0).sum()
                                  / jnp.maximum(ok_M.sum(), 1), jnp.nan)
     return state, jax.tree.map(mean, metrics), flags_M
 
-  return epoch
+  return _FlatWhereItFits(epoch)
+
+
+class _FlatWhereItFits:
+  """A jitted epoch whose static ``flat`` defaults to: is the trainable tree on one device?"""
+
+  def __init__(self, jitted: Callable):
+    self.jitted = jitted
+
+  @staticmethod
+  def _static(state, flat: bool | None) -> dict:
+    return {"flat": flat_state.on_one_device(state.trainable) if flat is None else flat}
+
+  def __call__(self, state, frozen, data, rng, flat: bool | None = None):
+    return self.jitted(state, frozen, data, rng, **self._static(state, flat))
+
+  def lower(self, state, frozen, data, rng, flat: bool | None = None):
+    return self.jitted.lower(state, frozen, data, rng, **self._static(state, flat))
 
 
 # --- The loop -------------------------------------------------------------------------------
