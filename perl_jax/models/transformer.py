@@ -208,15 +208,20 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
-               allowed_BxTxS: jax.Array, kv_cache: Cache | None, cache_index: jax.Array | None):
+               allowed_BxTxS: jax.Array, kv_cache: Cache | None, cache_index: jax.Array | None,
+               queries_from: int = 0):
+    """Keys and values for all T positions; queries (and outputs) for ``queries_from:``."""
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, lora=self.lora)
-    q = Linear((n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q", **dense)(x_BxTxD)
+    x_q = x_BxTxD[:, queries_from:]
+    q = Linear((n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q", **dense)(x_q)
     kk = Linear((k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="k", **dense)(x_BxTxD)
     v = Linear((k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="v", **dense)(x_BxTxD)
     if rope is not None:
-      q, kk = apply_rope(q, rope), apply_rope(kk, rope)
+      q = apply_rope(q, tuple(r[:, queries_from:] for r in rope))
+      kk = apply_rope(kk, rope)
+    allowed_BxTxS = allowed_BxTxS[:, queries_from:]
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
     new_cache = None
@@ -270,14 +275,15 @@ class Block(nn.Module):
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, rope, allowed_BxTxS, kv_cache, cache_index):
+  def __call__(self, x_BxTxD, rope, allowed_BxTxS, kv_cache, cache_index, queries_from: int = 0):
+    """Returns the residual stream of positions ``queries_from:`` (see Attention)."""
     cfg = self.cfg
     h = Norm(cfg, name="attn_norm")(x_BxTxD)
     h, new_cache = Attention(cfg, self.lora, name="attn")(h, rope, allowed_BxTxS,
-                                                        kv_cache, cache_index)
+                                                        kv_cache, cache_index, queries_from)
     if cfg.sandwich_norms:
       h = Norm(cfg, name="post_attn_norm")(h)
-    x_BxTxD = x_BxTxD + h
+    x_BxTxD = x_BxTxD[:, queries_from:] + h
     h = Mlp(cfg, self.lora, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     if cfg.sandwich_norms:
       h = Norm(cfg, name="post_mlp_norm")(h)
@@ -342,11 +348,15 @@ class Transformer(nn.Module):
     for i in range(cfg.num_layers):
       allowed = sliding_BxTxS if cfg.is_sliding(i) else full_BxTxS
       name = f"layers_{i}"
+      # The last block computes queries, MLP and residual only where outputs are read: its
+      # keys and values still cover every position (and fill the cache).
+      last = i == cfg.num_layers - 1
       x, layer_cache = Block(cfg, i, self.lora, name=name)(
-          x, rope, allowed, None if cache is None else cache[name], index)
+          x, rope, allowed, None if cache is None else cache[name], index,
+          outputs_from if last else 0)
       if cache is not None:
         new_cache[name] = layer_cache
-    x = Norm(cfg, name="final_norm")(x[:, outputs_from:] if outputs_from else x)
+    x = Norm(cfg, name="final_norm")(x)
 
     if cfg.head == "scalar":
       out = Linear((1,), ("embed",), ("score",), dtype=cfg.compute_dtype,

@@ -126,8 +126,11 @@ def make_score_fn(policy, reward, value, temperature: float, missing_eos_penalty
     else:
       logp = sampler_logp_BxN
     ref_logp, _ = response_logprobs(policy, ref_vars, tokens_BxT, mask_BxT, n, temperature)
-    raw = last_token(reward.apply(merged(reward, reward_vars), tokens_BxT, mask_BxT=mask_BxT),
-                     mask_BxT)
+    # Every row's last real token is in the response or is the prompt's last token, so the
+    # reward model's last block runs for those positions only.
+    p = tokens_BxT.shape[1] - n - 1
+    raw = last_token(reward.apply(merged(reward, reward_vars), tokens_BxT, mask_BxT=mask_BxT,
+                                  outputs_from=p), mask_BxT[:, p:])
     scores = reward_affine[0] * raw + reward_affine[1]  # gain, bias from reward training
     scores = scores - missing_eos_penalty * (~ended_B)
     if value is None:
