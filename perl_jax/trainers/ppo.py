@@ -128,9 +128,9 @@ def make_score_fn(policy, reward, value, temperature: float, missing_eos_penalty
     ref_logp, _ = response_logprobs(policy, ref_vars, tokens_BxT, mask_BxT, n, temperature)
     # Every row's last real token is in the response or is the prompt's last token, so the
     # reward model's last block runs for those positions only.
-    p = tokens_BxT.shape[1] - n - 1
+    start = tokens_BxT.shape[1] - n - 1
     raw = last_token(reward.apply(merged(reward, reward_vars), tokens_BxT, mask_BxT=mask_BxT,
-                                  outputs_from=p), mask_BxT[:, p:])
+                                  outputs_from=start), mask_BxT[:, start:])
     scores = reward_affine[0] * raw + reward_affine[1]  # gain, bias from reward training
     scores = scores - missing_eos_penalty * (~ended_B)
     if value is None:
@@ -309,10 +309,10 @@ def _minibatch_epoch(loss_fn: Callable, optimizer: optax.GradientTransformation,
   @functools.partial(jax.jit, donate_argnums=(0,),
                      static_argnames=("flat",), compiler_options=host.gradient_compiler_options())
   def epoch(state, frozen, data, rng, flat: bool = True):
-    flat = flat_state.flatten(optimizer, state.trainable, state.opt_state) if flat else None
+    packed = flat_state.flatten(optimizer, state.trainable, state.opt_state) if flat else None
     layout = None
-    if flat is not None:
-      layout, vector, flat_opt, unflatten = flat
+    if packed is not None:
+      layout, vector, flat_opt, unflatten = packed
       state = TrainState(vector, flat_opt)
     perm_rng, step_rng = jax.random.split(rng)
     perm = jax.random.permutation(perm_rng, data["tokens"].shape[0])
