@@ -6,9 +6,9 @@ A LoRA trainable tree has many small leaves (an ``a`` and a ``b`` per adapted ke
 a 4-layer model with adapters on every projection). Inside a jitted update every per-leaf
 operation (Adam's moments, weight decay, the finiteness checks, the skip `lax.cond`, the
 scan carry over minibatches) becomes its own group of HLO instructions: in PPO's policy
-update they outnumbered the model's forward and backward pass, and XLA:CPU's compile memory,
-the memory each compiled program keeps, and the launch overhead of hundreds of tiny kernels
-all grow with that count. On one vector they are one group each.
+update they outnumbered the model's forward and backward pass, and XLA:CPU's compile memory
+and the memory each compiled program keeps grow with that count. On one vector they are one
+group each (PPO benchmark: 11,607 -> 6,270 instructions, peak RSS -55 MB, the same step time).
 
 What
 ----
