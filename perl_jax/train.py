@@ -45,6 +45,11 @@ workdir must be one directory every host sees (``launch/tpu.py`` mounts a GCS bu
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: a restart costs a bare interpreter start
+  from perl_jax import host as _host
+
+  _host.restart_with_huge_pages()  # malloc's mapped buffers on huge pages (perl_jax/host.py)
+
 import json
 import os
 import re

@@ -86,3 +86,83 @@ def test_gradient_compiler_options_compile_the_same_math():
   sm = np.asarray(sm / sm.sum(-1, keepdims=True))
   d_h += (1.0 - h.shape[1] * sm) / h.size
   np.testing.assert_allclose(grad_elemental, np.asarray(x).T @ d_h, rtol=1e-4, atol=1e-5)
+
+
+def test_huge_pages_env_adds_the_tunable_only_where_it_helps():
+  glibc, thp = (2, 36), "madvise"
+  env = host.huge_pages_env({"PATH": "/bin"}, glibc, thp)
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  # Other tunables are kept, colon-separated.
+  env = host.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, glibc, "always")
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  # Already set, either way (also what stops the restarted process restarting again).
+  assert host.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc, thp) is None
+  assert host.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, glibc, thp) is None
+  assert host.huge_pages_env({"PERL_JAX_HUGE_PAGES": "0"}, glibc, thp) is None  # opted out
+  assert host.huge_pages_env({}, (2, 34), thp) is None  # the tunable came with glibc 2.35
+  assert host.huge_pages_env({}, None, thp) is None  # not glibc (musl, macOS)
+  assert host.huge_pages_env({}, glibc, "never") is None  # the kernel has them off
+  assert host.huge_pages_env({}, glibc, None) is None  # or no THP at all
+
+
+# Prints each start (a restart runs the script again, same PID), then how much of a mapped
+# 64 MiB buffer the kernel backs with huge pages (AnonHugePages of its mapping in smaps).
+_RESTART_PROBE = r"""
+import os
+print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES", "-"), flush=True)
+from perl_jax import host
+host.restart_with_huge_pages()
+import numpy as np
+buf = np.ones(64 << 20, np.uint8)
+addr = buf.ctypes.data
+inside = False
+for line in open("/proc/self/smaps"):
+  head = line.split()[0]
+  if "-" in head and ":" not in head:
+    lo, hi = (int(x, 16) for x in head.split("-"))
+    inside = lo <= addr < hi
+  elif inside and head == "AnonHugePages:":
+    print("huge_kb", line.split()[1])
+"""
+
+
+def _restart_probe(**env) -> tuple[list[list[str]], int]:
+  import os
+  out = subprocess.run([sys.executable, "-c", _RESTART_PROBE], capture_output=True, text=True,
+                       check=True, env={k: v for k, v in {**os.environ, **env}.items()
+                                        if v is not None}).stdout.split("\n")
+  starts = [line.split()[1:] for line in out if line.startswith("start")]
+  huge_kb = [int(line.split()[1]) for line in out if line.startswith("huge_kb")]
+  assert len(huge_kb) == 1, out
+  return starts, huge_kb[0]
+
+
+def test_restart_with_huge_pages_restarts_once_and_the_buffers_get_huge_pages():
+  applies = host.huge_pages_env({}, host._glibc_version(), host._thp_mode()) is not None  # this machine: glibc >= 2.35, THP not "never"
+  starts, huge_kb = _restart_probe(GLIBC_TUNABLES=None, PERL_JAX_HUGE_PAGES=None)
+  if applies:  # the CI machines
+    assert len(starts) == 2 and starts[0][0] == starts[1][0]  # one restart, the same process
+    assert starts[0][1] == "-" and starts[1][1] == "glibc.malloc.hugetlb=1"
+    assert huge_kb >= 32 << 10  # most of the 64 MiB on 2 MiB pages
+  else:
+    assert len(starts) == 1 and huge_kb == 0 or host._thp_mode() == "always"
+  starts, huge_kb = _restart_probe(GLIBC_TUNABLES=None, PERL_JAX_HUGE_PAGES="0")
+  assert len(starts) == 1  # opted out: no restart
+  if host._thp_mode() == "madvise":
+    assert huge_kb == 0  # and so 4 KiB pages: what the restart changes
+
+
+def test_the_entry_points_restart_with_huge_pages(tmp_path):
+  # A config file is executed by `perl_jax.train` after its start-up: it reports what the
+  # process it runs in sees, then ends it.
+  cfg = tmp_path / "probe.py"
+  cfg.write_text("import os\n\ndef get_config():\n"
+                 "  print('tunables', os.environ.get('GLIBC_TUNABLES', '-'), flush=True)\n"
+                 "  os._exit(0)\n")
+  import os
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.OPT_OUT)}
+  out = subprocess.run([sys.executable, "-m", "perl_jax.train", f"--config={cfg}"],
+                       capture_output=True, text=True, env=env, check=True).stdout
+  want = ("glibc.malloc.hugetlb=1" if host.huge_pages_env({}, host._glibc_version(),
+                                                          host._thp_mode()) else "-")
+  assert f"tunables {want}" in out.splitlines()

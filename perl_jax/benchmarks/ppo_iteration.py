@@ -36,7 +36,11 @@ Each phase ends in ``block_until_ready``, so the split is exact (`train` measure
 reported. Evaluation, metric writing and checkpointing are not part of an iteration.
 "cpu s" is the process CPU time of an iteration (all threads): on a machine shared with other
 jobs, wall time well above ``cpu s / cores`` means the cores were busy elsewhere, so compare
-runs by both (and by the printed load average).
+runs by both (and by the printed load average). "sys s" is the part of it spent in the
+kernel and "faults" the minor page faults of an iteration: XLA maps its larger buffers afresh
+on every call, so these show whether they are faulted in on huge pages (the benchmark, like
+`perl_jax.train`, restarts itself with glibc's ``glibc.malloc.hugetlb=1``: `perl_jax.host`;
+``PERL_JAX_HUGE_PAGES=0`` measures without).
 "compiles" counts XLA backend compilations during the timed iterations (a
 `jax.monitoring` listener): it must be 0, else something recompiles every iteration.
 ``--log_compiles`` additionally turns on ``jax_log_compiles`` for the timed part only, so each
@@ -64,6 +68,11 @@ each time relative to the base.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # as perl_jax.train does; the per-configuration children inherit it
+  from perl_jax import host as _host
+
+  _host.restart_with_huge_pages()
 
 import argparse
 import json
@@ -298,10 +307,12 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
   def value_vars():
     return common.variables(value.frozen, val_state.trainable)
 
-  def iteration(it: int) -> tuple[float, float, float, float, float]:
-    """One loop body of ppo.train: (generate, score, advantages, update, process CPU) seconds."""
+  def iteration(it: int) -> tuple[float, ...]:
+    """One loop body of ppo.train: (generate, score, advantages, update, process CPU, kernel
+    CPU) seconds and the page faults it took."""
     nonlocal rng, pol_state, val_state, kl_state, reward_stats
     cpu0 = time.process_time()
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     rng, k_roll, k_update = jax.random.split(rng, 3)
     rows = np_rng.choice(len(prompt_tokens), c.ppo.batch_size, replace=False)
@@ -333,7 +344,9 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
     t4 = time.perf_counter()
     if it == 0:
       first["update"] = _rss_mb()
-    return t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.process_time() - cpu0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.process_time() - cpu0,
+            usage.ru_stime - usage0.ru_stime, usage.ru_minflt - usage0.ru_minflt)
 
   t_compile = time.perf_counter()
   for it in range(warmup):
@@ -406,6 +419,7 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
       warmup_s=t_compile, iter_s=statistics.median(total), iter_min_s=min(total),
       iter_max_s=max(total), generate_s=med(0), score_s=med(1), adv_s=med(2), update_s=med(3),
       train_s=float(statistics.median(split[:, 2] + split[:, 3])), cpu_s=med(4),
+      sys_s=med(5), faults=med(6),
       cpu_count=os.cpu_count(), compiles=len(compiles),
       merge_ms=merge_ms, gflop=gflop, temp_mb=temp_mb, device_peak_mb=_device_peak_mb(),
       mem=dict(start=mem_start, imported=mem_import, models=mem_models,
@@ -414,7 +428,8 @@ def measure(policy_dir: str, reward_dir: str, *, batch: int, prompt_len: int, ne
       torch_imported="torch" in sys.modules,
       trainable=common.count(pol_state.trainable), frozen=common.count(policy.frozen),
       device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
-      jax=jax.__version__, loadavg=os.getloadavg())
+      jax=jax.__version__, loadavg=os.getloadavg(),
+      tunables=os.environ.get("GLIBC_TUNABLES", "none"))
 
 
 # --- Reporting ------------------------------------------------------------------------------
@@ -429,19 +444,22 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
   base = results[0]
   print(f"\ndevice: {base['device']}; jax {base['jax']}; dtype {base['dtype']}; "
         f"policy trainable {base['trainable']:,} of {base['trainable'] + base['frozen']:,} "
-        f"params; median of {base['iters']} iterations after {args.warmup} warm-up")
+        f"params; median of {base['iters']} iterations after {args.warmup} warm-up; glibc "
+        f"tunables {base['tunables']} (perl_jax.host.restart_with_huge_pages)")
   rows = []
   for r in results:
     rows.append([_name(r), f"{r['iter_s']:.3f}", f"{r['iter_min_s']:.3f}-{r['iter_max_s']:.3f}",
-                 f"{r['cpu_s']:.2f}",
+                 f"{r['cpu_s']:.2f}", f"{r['sys_s']:.2f}", f"{r['faults']:,.0f}",
                  f"{r['generate_s']:.3f}", f"{r['score_s']:.3f}", f"{r['adv_s']:.4f}",
                  f"{r['update_s']:.3f}", f"{r['batch'] * r['new_tokens'] / r['iter_s']:,.0f}",
                  r["compiles"], f"{r['warmup_s']:.1f}",
                  " ".join(f"{x:.2f}" for x in r["loadavg"])])
   print_table("Seconds per PPO iteration (median; train = advantages + update; cpu s = "
                f"process CPU time per iteration, all threads, on {base['cpu_count']} cores: "
-               "iter s well above cpu s / cores means other processes took the cores)",
-               ["config", "iter s", "min-max", "cpu s", "generate", "score", "advantages",
+               "iter s well above cpu s / cores means other processes took the cores; sys s = "
+               "the part of it in the kernel, faults = minor page faults, mostly first touches "
+               "of freshly mapped buffers)",
+               ["config", "iter s", "min-max", "cpu s", "sys s", "faults", "generate", "score", "advantages",
                 "update",
                 "resp tok/s", "compiles", "warm-up s", "load avg"], rows)
 
