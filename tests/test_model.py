@@ -134,3 +134,21 @@ def test_decode_without_positions_is_an_error():
   params = init_params(model, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="positions_BxT"):
     jax.jit(model.apply)({"params": params}, _tokens(cfg, 1, 2), cache=init_cache(cfg, 1, 4))
+
+
+def test_rope_table_rows_equal_the_direct_computation():
+  # The gathered-table path (positions known to lie in [0, L)) against cos/sin of every
+  # position directly, and both against NumPy in float64 (HF's formula: cat(freqs, freqs)).
+  from perl_jax.models.transformer import rope_cos_sin, rope_inv_freq
+
+  inv = rope_inv_freq(tiny_config("llama"))
+  rng = np.random.default_rng(0)
+  b, t = 3, 11
+  positions = rng.integers(0, t, (b, t)).astype(np.int32)
+  table = rope_cos_sin(jnp.asarray(positions), inv, jnp.float32, num_positions=t)
+  direct = rope_cos_sin(jnp.asarray(positions), inv, jnp.float32)
+  angles = positions[..., None].astype(np.float64) * np.concatenate([inv, inv])[None, None]
+  for got, want, fn in zip(table, direct, (np.cos, np.sin)):
+    assert got.shape == (b, t, 1, 2 * len(inv))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # the same float32 ops
+    np.testing.assert_allclose(np.asarray(got)[:, :, 0], fn(angles), atol=2e-6)
