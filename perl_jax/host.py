@@ -3,9 +3,9 @@ make the buffers XLA maps afresh on every call cheap to fault in.
 
 Four measures, each measured in BUILD_NOTES.md (PPO iteration speed and memory):
 
-* `restart_with_huge_pages` (the ``python -m`` entry points: `perl_jax.train` and the
-  benchmarks): glibc's malloc backs the blocks it maps with transparent huge pages;
-
+* `restart_with_huge_pages` (the ``python -m`` entry points `perl_jax.train` and
+  `perl_jax.benchmarks.ppo_iteration`): glibc's malloc backs the blocks it maps with
+  transparent huge pages;
 * `trim_after_compiles` (`perl_jax.train`, for every task): freed compiler heap goes back to
   the OS after every compile;
 * `fix_mmap_threshold` (`ppo.train`): large buffers always get their own mappings, so they
@@ -22,8 +22,8 @@ threshold to 8 MiB on purpose), so every call faults its temporaries in again, o
 page at a time: in the PPO benchmark ~67,000 page faults and ~0.2 s of kernel time per
 iteration, a fifth of all CPU time. With the tunable ``glibc.malloc.hugetlb=1`` (glibc
 >= 2.35) malloc asks for transparent huge pages on those mappings (`madvise`), one fault per
-2 MiB: the faults drop to ~3,000 and the iteration to ~0.8x its time, with the same peak RSS
-(the blocks are still returned on free). Tunables are read once, when the process starts, so
+2 MiB: the faults drop to 2,000-7,000 and the iteration to ~0.8x its time, with the same
+peak RSS (the blocks are still returned on free). Tunables are read once, when the process starts, so
 `restart_with_huge_pages` re-executes the command with the tunable set; it does nothing
 where it cannot help (not Linux with glibc >= 2.35, huge pages disabled), when the tunable
 is already set either way, or with ``PERL_JAX_HUGE_PAGES=0``.
