@@ -23,10 +23,10 @@ page at a time: in the PPO benchmark ~67,000 page faults and ~0.2 s of kernel ti
 iteration, a fifth of all CPU time. With the tunable ``glibc.malloc.hugetlb=1`` (glibc
 >= 2.35) malloc asks for transparent huge pages on those mappings (`madvise`), one fault per
 2 MiB: the faults drop to 2,000-7,000 and the iteration to ~0.8x its time, with the same
-peak RSS (the blocks are still returned on free). Tunables are read once, when the process starts, so
-`restart_with_huge_pages` re-executes the command with the tunable set; it does nothing
-where it cannot help (not Linux with glibc >= 2.35, huge pages disabled), when the tunable
-is already set either way, or with ``PERL_JAX_HUGE_PAGES=0``.
+peak RSS (the blocks are still returned on free). Tunables are read once, when the process
+starts, so `restart_with_huge_pages` re-executes the command with the tunable set; it does
+nothing where it cannot help (not Linux with glibc >= 2.35, huge pages disabled), when the
+tunable is already set either way, or with ``PERL_JAX_HUGE_PAGES=0``.
 
 Trimming after compiles
 -----------------------
@@ -173,8 +173,8 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
   The price is mapping and faulting in those buffers on every call (measured on 4 KiB pages:
   PPO's generation took ~1.5% longer, the embedded default's SFT steps, ~20 ms each, ~35%;
   `restart_with_huge_pages` makes the faults 512 times fewer), so only `ppo.train` sets it,
-  and the benchmark as ppo.train does. Process-wide and for good; returns False
-  where the C library has no ``mallopt`` (not glibc).
+  and the benchmark as ppo.train does. Process-wide and for good; returns False where the C
+  library has no ``mallopt`` (not glibc).
   """
   mallopt = _libc_fn("mallopt")
   if mallopt is None:

@@ -3,6 +3,7 @@ the gradient programs' CPU compiler options compile the same math."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -127,7 +128,6 @@ for line in open("/proc/self/smaps"):
 
 
 def _restart_probe(**env) -> tuple[list[list[str]], int]:
-  import os
   out = subprocess.run([sys.executable, "-c", _RESTART_PROBE], capture_output=True, text=True,
                        check=True, env={k: v for k, v in {**os.environ, **env}.items()
                                         if v is not None}).stdout.split("\n")
@@ -138,14 +138,15 @@ def _restart_probe(**env) -> tuple[list[list[str]], int]:
 
 
 def test_restart_with_huge_pages_restarts_once_and_the_buffers_get_huge_pages():
-  applies = host.huge_pages_env({}, host._glibc_version(), host._thp_mode()) is not None  # this machine: glibc >= 2.35, THP not "never"
+  # Whether it applies on this machine (glibc >= 2.35, huge pages not "never"): on CI it does.
+  applies = host.huge_pages_env({}, host._glibc_version(), host._thp_mode()) is not None
   starts, huge_kb = _restart_probe(GLIBC_TUNABLES=None, PERL_JAX_HUGE_PAGES=None)
-  if applies:  # the CI machines
+  if applies:
     assert len(starts) == 2 and starts[0][0] == starts[1][0]  # one restart, the same process
     assert starts[0][1] == "-" and starts[1][1] == "glibc.malloc.hugetlb=1"
     assert huge_kb >= 32 << 10  # most of the 64 MiB on 2 MiB pages
   else:
-    assert len(starts) == 1 and huge_kb == 0 or host._thp_mode() == "always"
+    assert len(starts) == 1 and (huge_kb == 0 or host._thp_mode() == "always")
   starts, huge_kb = _restart_probe(GLIBC_TUNABLES=None, PERL_JAX_HUGE_PAGES="0")
   assert len(starts) == 1  # opted out: no restart
   if host._thp_mode() == "madvise":
@@ -159,7 +160,6 @@ def test_the_entry_points_restart_with_huge_pages(tmp_path):
   cfg.write_text("import os\n\ndef get_config():\n"
                  "  print('tunables', os.environ.get('GLIBC_TUNABLES', '-'), flush=True)\n"
                  "  os._exit(0)\n")
-  import os
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.OPT_OUT)}
   out = subprocess.run([sys.executable, "-m", "perl_jax.train", f"--config={cfg}"],
                        capture_output=True, text=True, env=env, check=True).stdout

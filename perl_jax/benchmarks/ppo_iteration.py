@@ -459,9 +459,8 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
                "iter s well above cpu s / cores means other processes took the cores; sys s = "
                "the part of it in the kernel, faults = minor page faults, mostly first touches "
                "of freshly mapped buffers)",
-               ["config", "iter s", "min-max", "cpu s", "sys s", "faults", "generate", "score", "advantages",
-                "update",
-                "resp tok/s", "compiles", "warm-up s", "load avg"], rows)
+               ["config", "iter s", "min-max", "cpu s", "sys s", "faults", "generate", "score",
+                "advantages", "update", "resp tok/s", "compiles", "warm-up s", "load avg"], rows)
 
   rows = []
   for r in results:
