@@ -101,16 +101,23 @@ def huge_pages_env(environ: Mapping[str, str], glibc: tuple[int, int] | None,
       t for t in (tunables, HUGE_PAGES_TUNABLE + "=1") if t)}
 
 
-def restart_with_huge_pages() -> None:
+def started_as(module: str, orig_argv: list[str]) -> bool:
+  """Whether the interpreter's command line was ``python [options] -m module ...``."""
+  return "-m" in orig_argv and orig_argv[orig_argv.index("-m") + 1:][:1] == [module]
+
+
+def restart_with_huge_pages(module: str) -> None:
   """Re-executes this process's command line with `huge_pages_env`, where that applies.
 
-  Call it first thing in a ``python -m`` entry point (in its ``__main__`` guard, so that
-  importing the module never restarts anything). The restarted process has the same PID,
-  arguments and working directory; the environment variable it sets keeps it from
-  restarting again. Returns (doing nothing) where `huge_pages_env` is None.
+  Call it first thing in the ``__main__`` guard of a ``python -m module`` entry point. It
+  restarts only a process that was started that way: running the module from another
+  program (``runpy``, IPython's ``%run -m``, a notebook kernel) must not restart the host
+  program. The restarted process has the same PID, arguments and working directory; the
+  environment variable it sets keeps it from restarting again. Returns (doing nothing) where
+  `huge_pages_env` is None.
   """
   env = huge_pages_env(os.environ, _glibc_version(), _thp_mode())
-  if env is None:
+  if env is None or not started_as(module, sys.orig_argv):
     return
   os.environ.update(env)
   sys.stdout.flush()

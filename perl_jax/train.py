@@ -48,7 +48,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before the heavy imports: a restart costs a bare interpreter start
   from perl_jax import host as _host
 
-  _host.restart_with_huge_pages()  # malloc's mapped buffers on huge pages (perl_jax/host.py)
+  _host.restart_with_huge_pages("perl_jax.train")  # malloc's mappings on huge pages: host.py
 
 import json
 import os

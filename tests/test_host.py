@@ -106,13 +106,25 @@ def test_huge_pages_env_adds_the_tunable_only_where_it_helps():
   assert host.huge_pages_env({}, glibc, None) is None  # or no THP at all
 
 
-# Prints each start (a restart runs the script again, same PID), then how much of a mapped
-# 64 MiB buffer the kernel backs with huge pages (AnonHugePages of its mapping in smaps).
+def test_started_as_reads_the_interpreters_module_flag():
+  assert host.started_as("perl_jax.train", ["python", "-m", "perl_jax.train", "--config=x"])
+  assert host.started_as("perl_jax.train", ["python", "-X", "importtime", "-m", "perl_jax.train"])
+  assert not host.started_as("perl_jax.train", ["python", "-m", "perl_jax.generate"])
+  assert not host.started_as("perl_jax.train", ["python", "-m"])
+  # A kernel or another program that runs the module with runpy was not started as it.
+  assert not host.started_as("perl_jax.train", ["python", "-m", "ipykernel_launcher", "-f",
+                                                "kernel.json"])
+  assert not host.started_as("perl_jax.train", ["python", "-c", "import runpy"])
+
+
+# A module that prints each start (a restart runs it again, same PID), then how much of a
+# mapped 64 MiB buffer the kernel backs with huge pages (AnonHugePages of its mapping).
 _RESTART_PROBE = r"""
 import os
 print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES", "-"), flush=True)
 from perl_jax import host
-host.restart_with_huge_pages()
+if __name__ == "__main__":
+  host.restart_with_huge_pages("hp_probe")
 import numpy as np
 buf = np.ones(64 << 20, np.uint8)
 addr = buf.ctypes.data
@@ -127,30 +139,38 @@ for line in open("/proc/self/smaps"):
 """
 
 
-def _restart_probe(**env) -> tuple[list[list[str]], int]:
-  out = subprocess.run([sys.executable, "-c", _RESTART_PROBE], capture_output=True, text=True,
-                       check=True, env={k: v for k, v in {**os.environ, **env}.items()
-                                        if v is not None}).stdout.split("\n")
+def _restart_probe(tmp_path, *command: str, **env) -> tuple[list[list[str]], int]:
+  (tmp_path / "hp_probe.py").write_text(_RESTART_PROBE)
+  out = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=True,
+                       cwd=tmp_path, env={k: v for k, v in {**os.environ, **env}.items()
+                                          if v is not None}).stdout.split("\n")
   starts = [line.split()[1:] for line in out if line.startswith("start")]
   huge_kb = [int(line.split()[1]) for line in out if line.startswith("huge_kb")]
   assert len(huge_kb) == 1, out
   return starts, huge_kb[0]
 
 
-def test_restart_with_huge_pages_restarts_once_and_the_buffers_get_huge_pages():
+def test_restart_with_huge_pages_restarts_once_and_the_buffers_get_huge_pages(tmp_path):
   # Whether it applies on this machine (glibc >= 2.35, huge pages not "never"): on CI it does.
   applies = host.huge_pages_env({}, host._glibc_version(), host._thp_mode()) is not None
-  starts, huge_kb = _restart_probe(GLIBC_TUNABLES=None, PERL_JAX_HUGE_PAGES=None)
+  fresh = dict(GLIBC_TUNABLES=None, PERL_JAX_HUGE_PAGES=None)
+  starts, huge_kb = _restart_probe(tmp_path, "-m", "hp_probe", **fresh)
   if applies:
     assert len(starts) == 2 and starts[0][0] == starts[1][0]  # one restart, the same process
     assert starts[0][1] == "-" and starts[1][1] == "glibc.malloc.hugetlb=1"
     assert huge_kb >= 32 << 10  # most of the 64 MiB on 2 MiB pages
   else:
     assert len(starts) == 1 and (huge_kb == 0 or host._thp_mode() == "always")
-  starts, huge_kb = _restart_probe(GLIBC_TUNABLES=None, PERL_JAX_HUGE_PAGES="0")
-  assert len(starts) == 1  # opted out: no restart
-  if host._thp_mode() == "madvise":
-    assert huge_kb == 0  # and so 4 KiB pages: what the restart changes
+  never_restarted = [
+      _restart_probe(tmp_path, "-m", "hp_probe", GLIBC_TUNABLES=None, PERL_JAX_HUGE_PAGES="0"),
+      # Run as __main__ by another program (as IPython's %run -m does): that program's
+      # command line must not be re-executed.
+      _restart_probe(tmp_path, "-c", "import runpy; runpy.run_module('hp_probe', "
+                     "run_name='__main__')", **fresh)]
+  for starts, huge_kb in never_restarted:
+    assert len(starts) == 1
+    if host._thp_mode() == "madvise":
+      assert huge_kb == 0  # and so 4 KiB pages: what the restart changes
 
 
 def test_the_entry_points_restart_with_huge_pages(tmp_path):

@@ -72,7 +72,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # as perl_jax.train does; the per-configuration children inherit it
   from perl_jax import host as _host
 
-  _host.restart_with_huge_pages()
+  _host.restart_with_huge_pages("perl_jax.benchmarks.ppo_iteration")
 
 import argparse
 import json
